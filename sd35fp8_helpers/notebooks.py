@@ -48,7 +48,7 @@ def describe_failure(exc: Exception) -> str:
     if cell_index is None:
         return f"{type(exc).__name__}: {exc}"
     first = next((line for line in (getattr(exc, "source", "") or "").splitlines() if line.strip()), "")
-    return (f"cell {cell_index} (In [{getattr(exc, 'exec_count', '?')}]: `{first[:80]}`) raised "
+    return (f"cell {cell_index + 1} (In [{getattr(exc, 'exec_count', '?')}]: `{first[:80]}`) raised "
             f"{getattr(exc, 'ename', '?')}: {getattr(exc, 'evalue', '')}")
 
 

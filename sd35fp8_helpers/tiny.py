@@ -116,8 +116,8 @@ def build_tiny_pipeline(seed: int = 0):
 
     Example:
         >>> pipe = build_tiny_pipeline(seed=0)
-        >>> type(pipe).__name__, pipe.transformer.config.dual_attention_layers
-        ('StableDiffusion3Pipeline', (0,))
+        >>> type(pipe).__name__, list(pipe.transformer.config.dual_attention_layers)
+        ('StableDiffusion3Pipeline', [0])
     """
     import torch
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,

@@ -1,0 +1,81 @@
+"""The ``sd35fp8`` command line, run as a real subprocess: tiny, generate, errors as one line + fix."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd35fp8_helpers.generation import read_png_metadata
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "sd35fp8"
+    assert exe.is_file() or shutil.which("sd35fp8"), "pip install -e . should create the sd35fp8 command"
+    result = subprocess.run([str(exe) if exe.is_file() else "sd35fp8", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for name in ("doctor", "tiny", "generate", "notebooks"):
+        assert name in result.stdout
+
+
+def test_tiny_then_from_pretrained_generates(cli, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    import torch
+
+    result = cli("tiny", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    assert "tiny SD3.5 pipeline at" in result.stdout and "MB" in result.stdout
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "tiny")
+    image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (128, 128)
+    again = cli("tiny", str(tmp_path / "tiny"))
+    assert "reused cached copy" in again.stdout
+
+
+def test_generate_then_reproduce_from_png(cli, tiny_model_dir, tmp_path):
+    first = tmp_path / "a.png"
+    result = cli("generate", "--model", str(tiny_model_dir), "--prompt", "a red fox", "--seed", "3",
+                 "--height", "96", "--width", "128", "--out", str(first))
+    assert result.returncode == 0, result.stderr
+    meta = read_png_metadata(first)
+    assert meta["settings"] == {"prompt": "a red fox", "negative_prompt": "", "seed": 3, "steps": 4,
+                                "guidance_scale": 4.5, "height": 96, "width": 128}
+    again = tmp_path / "b.png"
+    result = cli("generate", "--model", str(tiny_model_dir), "--from-png", str(first), "--out", str(again))
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", "x", "--height", "100"], "height=100 is not a multiple of 16; nearest valid: 96 or 112"),
+    (["--prompt", "x", "--width", "512"], "width=512 is over this model's single-pass limit of 256 px"),
+    (["--prompt", ""], "--prompt is required"),
+    (["--prompt", "x", "--model", "stabilityai/stable-diffusion-3.5-fp8"], "does not exist"),
+    (["--prompt", "x", "--model", "./no/such/folder/"], "is neither 'tiny', an existing folder, nor a hub repo id"),
+])
+def test_generate_errors_are_one_line_with_exit_1(cli, tiny_model_dir, args, needle):
+    if "--model" not in args:
+        args = [*args, "--model", str(tiny_model_dir)]
+    result = cli("generate", *args)
+    assert result.returncode == 1
+    lines = [l for l in result.stderr.splitlines() if l.startswith("sd35fp8 generate: error:")]
+    assert len(lines) == 1 and needle in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_folder_that_is_not_a_pipeline(cli, tmp_path):
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    result = cli("generate", "--model", str(tmp_path), "--prompt", "x")
+    assert result.returncode == 1
+    assert "has no model_index.json" in result.stderr and "fix:" in result.stderr
+
+
+def test_usage_error_exits_2(cli):
+    result = cli("no-such-command")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
