@@ -290,10 +290,13 @@ def model_disk_bytes(model: str) -> int:
     return 10 * 2**20  # tiny / a local folder: a few MB
 
 
-@dataclass
+@dataclass(repr=False)
 class DoctorReport:
     checks: list[Check]
     model: str
+
+    def __repr__(self) -> str:  # plain-text notebooks and the REPL show the same table as the CLI
+        return self.to_text()
 
     @property
     def ok(self) -> bool:

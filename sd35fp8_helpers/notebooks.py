@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,18 +54,36 @@ def describe_failure(exc: Exception) -> str:
             f"{getattr(exc, 'ename', '?')}: {getattr(exc, 'evalue', '')}")
 
 
+def _ipc_kernel_manager(sockets: Path):
+    """A kernel manager that talks to the kernel over local IPC sockets instead of TCP on 127.0.0.1.
+
+    Nothing listens on a port (no other local user can connect to the kernel) and the kernel does not print
+    its "running over TCP without encryption" warning into every run.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(transport="ipc", ip=str(sockets / "kernel"), **kwargs)
+
+    return IpcKernelManager
+
+
 def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], *, timeout: int = 1800) -> NotebookRun:
     import papermill
 
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / path.name
     start = time.perf_counter()
+    sockets = Path(tempfile.mkdtemp(prefix="sd35fp8-kernel-"))  # IPC socket files: not in the notebook's folder
     try:
         papermill.execute_notebook(str(path), str(output), parameters=parameters, kernel_name="python3",
                                    cwd=str(path.parent), progress_bar=False, log_output=False,
-                                   execution_timeout=timeout)
+                                   execution_timeout=timeout, kernel_manager_class=_ipc_kernel_manager(sockets))
     except Exception as exc:  # papermill wraps cell errors; anything else (kernel death) is reported too
         return NotebookRun(path.name, time.perf_counter() - start, "failed", str(output), describe_failure(exc))
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
     return NotebookRun(path.name, time.perf_counter() - start, "ok", str(output))
 
 
