@@ -19,7 +19,9 @@ from .errors import Sd35fp8Error
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
 
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("sd35fp8_helpers.verify", "sd35fp8_helpers.hub", "sd35fp8_helpers.fp8",
+                               "sd35fp8_helpers.bench", "sd35fp8_helpers.comfy", "sd35fp8_helpers.plan",
+                               "sd35fp8_helpers.onboarding", "sd35fp8_helpers.report")
 """Modules that add sub-commands through a ``register_cli(command)`` function."""
 
 

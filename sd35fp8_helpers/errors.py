@@ -2,9 +2,24 @@
 
     Sd35fp8Error
      ├── InvalidGenerationInput (ValueError)   a size/step/seed the pipeline cannot take
+     ├── InvalidTilingInput (ValueError)       a tile size / canvas the tiled VAE or tiled denoising cannot take
      ├── ModelNotFound (FileNotFoundError)     "the model" is neither tiny, a folder nor a repo id
      ├── UnsupportedEnvironment (RuntimeError) old torch, no float8, a GPU below capability 8.9 …
-     └── NotebookFailed (RuntimeError)         a notebook cell raised while the runner executed it
+ │    └── FP8ComputeUnavailable             FP8 compute asked for on a device without float8 matmuls
+ ├── ComfyFormatError (ValueError)         a .safetensors file that is not a Comfy SD3 (scaled-FP8) checkpoint
+     ├── NotebookFailed (RuntimeError)         a notebook cell raised while the runner executed it
+     ├── InvalidPlanInput (ValueError)         a memory-plan input that makes no sense (budget, size, preset)
+     ├── OutOfMemoryAfterFallback (MemoryError) every rung of the memory ladder ran out of memory
+     ├── PipelinePlacementError (RuntimeError) a strategy change left modules on the wrong device
+     ├── GitLfsMissing (FileNotFoundError)     git or git-lfs not installed (message: the install command)
+     ├── GitCommandFailed (RuntimeError)       a git / git lfs command exited non-zero
+     ├── ModelVerificationFailed (ValueError)  a model folder has pointer files, truncated or pickle weights …
+     ├── NotEnoughDisk (OSError)               "needs X GB, Y GB free at PATH", before downloading
+     └── HubError                              the hub said no, translated (never shows the token):
+          ├── GatedRepo (PermissionError)      accept the licence on the model page, then authenticate
+          ├── HubAuthFailed (PermissionError)  401 bad/expired token, or 403 token without permission
+          ├── RepoNotOnHub (FileNotFoundError) 404: no such repo / revision / file (or private)
+          └── HubOffline (ConnectionError)     HF_HUB_OFFLINE=1, or the hub cannot be reached
 
 Later modules add their own here so that a user can ``except sd35fp8_helpers.errors.Sd35fp8Error``.
 """
@@ -41,6 +56,19 @@ class InvalidGenerationInput(Sd35fp8Error, ValueError):
         super().__init__(f"{argument}={value!r} {message}", fix=fix)
 
 
+class InvalidTilingInput(Sd35fp8Error, ValueError):
+    """A tile size, overlap or canvas that tiled VAE decoding/encoding or tiled denoising cannot take.
+
+    Example message: ``width=1001 is not a multiple of 8 px (the VAE works on 8x8 pixel blocks); nearest
+    valid: 1000 or 1008``.
+    """
+
+    def __init__(self, argument: str, value: object, message: str, *, fix: str = "") -> None:
+        self.argument = argument
+        self.value = value
+        super().__init__(f"{argument}={value!r} {message}", fix=fix)
+
+
 class ModelNotFound(Sd35fp8Error, FileNotFoundError):
     """``model`` named neither ``tiny``, an existing diffusers folder, nor a hub repo id."""
 
@@ -53,6 +81,29 @@ class UnsupportedEnvironment(Sd35fp8Error, RuntimeError):
     """The machine cannot do what was asked (e.g. FP8 compute on a GPU below capability 8.9)."""
 
 
+class FP8ComputeUnavailable(UnsupportedEnvironment):
+    """FP8 *compute* was asked for on a device that cannot multiply in float8.
+
+    Example message: ``FP8 compute is not possible on cpu: cpu has no float8 tensor cores …
+    fix: use FP8Config(mode="storage") (halves weight memory anywhere) or mode="auto"``.
+    """
+
+    def __init__(self, device: str, capability: tuple[int, int] | None, reason: str) -> None:
+        self.device = device
+        self.capability = capability
+        super().__init__(f"FP8 compute is not possible on {device}: {reason}",
+                         fix='use FP8Config(mode="storage") (halves weight memory anywhere) or mode="auto", '
+                             "or run on an Ada/Hopper GPU (RTX 40xx, L4, L40, H100, H200)")
+
+
+class ComfyFormatError(Sd35fp8Error, ValueError):
+    """A file given as a Comfy SD3 checkpoint is not one (no ``model.diffusion_model.joint_blocks`` keys …)."""
+
+    def __init__(self, file: Path | str, message: str, *, fix: str = "") -> None:
+        self.file = Path(file)
+        super().__init__(f"{self.file.name}: {message}", fix=fix)
+
+
 class NotebookFailed(Sd35fp8Error, RuntimeError):
     """A notebook cell raised while the runner executed it; names the notebook and the cell."""
 
@@ -62,3 +113,117 @@ class NotebookFailed(Sd35fp8Error, RuntimeError):
         self.error = error
         super().__init__(f"{self.notebook.name}: {cell} raised {error}",
                          fix=f"open {self.notebook} in Jupyter and run the cells above it to see the traceback")
+
+
+class InvalidPlanInput(Sd35fp8Error, ValueError):
+    """A memory-plan input that cannot describe a real run.
+
+    Example message: ``vram=-4 must be a positive number of GiB fix: pass your card's memory, e.g. --vram 12``.
+    """
+
+    def __init__(self, argument: str, value: object, message: str, *, fix: str = "") -> None:
+        self.argument = argument
+        self.value = value
+        super().__init__(f"{argument}={value!r} {message}", fix=fix)
+
+
+class OutOfMemoryAfterFallback(Sd35fp8Error, MemoryError):
+    """Generation ran out of memory on every rung of the strategy ladder; lists the steps taken."""
+
+    def __init__(self, strategy: str, steps: list[str]) -> None:
+        self.strategy = strategy
+        self.steps = list(steps)
+        taken = "; ".join(steps) if steps else "none"
+        super().__init__(f"out of memory even with the leanest strategy tried ({strategy}); steps taken: {taken}",
+                         fix="generate a smaller image, or run `sd35fp8 plan --vram GIB` to see what fits this card")
+
+
+class PipelinePlacementError(Sd35fp8Error, RuntimeError):
+    """After a strategy change, some modules are not where the strategy says they rest (half-moved)."""
+
+    def __init__(self, strategy: str, misplaced: list[str]) -> None:
+        self.strategy = strategy
+        self.misplaced = list(misplaced)
+        super().__init__(f"strategy {strategy!r} left modules on the wrong device: {'; '.join(misplaced)}",
+                         fix="reload the pipeline (load_pipeline) and apply the strategy once, before generating")
+
+
+class GitLfsMissing(Sd35fp8Error, FileNotFoundError):
+    """``git`` or ``git-lfs`` is not installed; the fix is the install command for this system.
+
+    Example message: ``git-lfs is not installed: a clone would give ~130-byte pointer files, not weights
+    fix: sudo apt-get install git-lfs && git lfs install``.
+    """
+
+    def __init__(self, program: str, install: str) -> None:
+        self.program = program
+        self.install = install
+        super().__init__(f"{program} is not installed: a clone would give ~130-byte pointer files, not weights",
+                         fix=install)
+
+
+class GitCommandFailed(Sd35fp8Error, RuntimeError):
+    """A ``git`` / ``git lfs`` command exited non-zero; carries the command and its last stderr line."""
+
+    def __init__(self, command: list[str], returncode: int, stderr: str, *, fix: str = "") -> None:
+        self.command = list(command)
+        self.returncode = returncode
+        self.stderr = stderr
+        last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no message")
+        super().__init__(f"`{' '.join(self.command)}` failed (exit {returncode}): {last}", fix=fix)
+
+
+class ModelVerificationFailed(Sd35fp8Error, ValueError):
+    """A model folder would not load: pointer files, truncated/corrupt safetensors, pickle-only weights …
+
+    Raised by ``load_pipeline`` before diffusers sees the folder, so the user reads one line per problem
+    instead of ``SafetensorError: Error while deserializing header: header too large``. ``problems`` holds
+    the :class:`~sd35fp8_helpers.verify.Problem` list.
+    """
+
+    def __init__(self, path: Path, problems: list) -> None:
+        self.path = Path(path)
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{self.path} cannot be loaded ({len(self.problems)} problem"
+                         f"{'s' if len(self.problems) != 1 else ''}):\n{lines}",
+                         fix=f"fix the files above, then check with: sd35fp8 verify {self.path}")
+
+
+class NotEnoughDisk(Sd35fp8Error, OSError):
+    """Not enough free space for a download; raised before the first byte is fetched."""
+
+    def __init__(self, path: Path, need_bytes: int, free_bytes: int) -> None:
+        self.path = Path(path)
+        self.need_bytes = need_bytes
+        self.free_bytes = free_bytes
+        def gb(n: int) -> str:  # decimal units, as disk makers and `df -H` count
+            return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"
+
+        super().__init__(f"needs {gb(need_bytes)}, {gb(free_bytes)} free at {self.path}",
+                         fix="free some space, or download elsewhere: --local-dir on a larger disk, or set "
+                             "HF_HUB_CACHE (or HF_HOME) to a folder on a larger, fast local disk")
+
+
+class HubError(Sd35fp8Error):
+    """The hub refused or could not be reached. Messages name the repo and the fix, never the token."""
+
+    def __init__(self, repo_id: str, message: str, *, fix: str = "") -> None:
+        self.repo_id = repo_id
+        super().__init__(f"{repo_id}: {message}", fix=fix)
+
+
+class GatedRepo(HubError, PermissionError):
+    """The repo is gated (all SD3.5 repos are): accept the licence on its page, then authenticate."""
+
+
+class HubAuthFailed(HubError, PermissionError):
+    """401 with a token the hub rejects (invalid, expired), or 403 (the token lacks a permission)."""
+
+
+class RepoNotOnHub(HubError, FileNotFoundError):
+    """No such repo, revision or file on the hub — or a private repo this token cannot see."""
+
+
+class HubOffline(HubError, ConnectionError):
+    """``HF_HUB_OFFLINE=1`` is set, or the hub cannot be reached (no network, proxy, wrong ``HF_ENDPOINT``)."""

@@ -82,12 +82,10 @@ def resolve_model(model: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> ModelS
 
 
 def _download(repo_id: str) -> Path:
-    """Fetch a diffusers-layout repo (safetensors only) into the hub cache."""
-    from huggingface_hub import snapshot_download
+    """Fetch a diffusers-layout repo (safetensors only) into the hub cache: disk preflight, typed errors."""
+    from .hub import DIFFUSERS_INCLUDE, download
 
-    # Only safetensors and configs: never pickle weights, never the all-in-one single files.
-    allow = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
-    return Path(snapshot_download(repo_id, allow_patterns=allow))
+    return download(repo_id, include=DIFFUSERS_INCLUDE).path
 
 
 def default_device() -> str:
@@ -104,11 +102,16 @@ def default_dtype(device: str):
 
 
 def load_pipeline(model: str | Path = DEFAULT_MODEL, *, device: str | None = None, dtype=None,
-                  text_encoder_3: bool = True):
+                  text_encoder_3: bool = True, check_hashes: bool = False):
     """Load "the model" as a ``StableDiffusion3Pipeline`` on ``device`` (default: CUDA if present, else CPU).
 
     ``text_encoder_3=False`` drops T5-XXL (``text_encoder_3=None, tokenizer_3=None``): 4.8B parameters
     less, at the cost of weaker prompt following for long prompts.
+
+    A local or downloaded folder is verified first (:func:`~sd35fp8_helpers.verify.require_loadable`:
+    pointer files, truncated or corrupt safetensors, missing components), so a bad folder raises
+    ``ModelVerificationFailed`` naming each file and its fix instead of a safetensors stack trace.
+    ``check_hashes=True`` also compares sha256 sums where known (reads every byte: slow for real models).
     """
     from diffusers import StableDiffusion3Pipeline
 
@@ -116,9 +119,21 @@ def load_pipeline(model: str | Path = DEFAULT_MODEL, *, device: str | None = Non
 
     quiet_loading_bars()
     source = resolve_model(model)
+    if source.kind != "tiny":  # built here, so known good; anything from outside is checked first
+        from .verify import require_loadable
+
+        require_loadable(source.path, check_hashes=check_hashes)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     extra = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
+    from .fp8 import load_fp8_components, read_manifest
+
+    manifest = read_manifest(source.path)  # a folder written by `sd35fp8 quantize`: FP8 layers built as stored
+    extra.update(load_fp8_components(source.path, dtype=dtype, skip=tuple(extra)) if manifest else {})
     pipe = StableDiffusion3Pipeline.from_pretrained(source.path, torch_dtype=dtype, use_safetensors=True, **extra)
     pipe.sd35fp8_source = source  # remembered for PNG metadata and reports
+    if manifest:
+        from .fp8 import report_for_loaded
+
+        pipe.sd35fp8_fp8 = report_for_loaded(pipe, manifest)
     return pipe.to(device)

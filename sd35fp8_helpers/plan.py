@@ -1,0 +1,368 @@
+"""Which memory strategy fits *your* card: peak GPU memory predicted from the real configs, calibrated on a GPU.
+
+The prediction has two parts:
+
+* **weights**, exact from the architectures (:data:`ARCHITECTURE`, counted on the ``meta`` device from
+  ``presets``): 2 bytes per bf16 element; FP8 storage turns each converted Linear weight into 1 byte plus
+  a float32 scale per output row (policy ``all-linear`` for the transformer, every Linear of T5);
+* **activations**, calibrated on the GPU machine (:data:`CALIBRATION`, with its device and date): the
+  transformer's peak above its weights grows with the number of tokens, the VAE decode's with the pixels
+  (or the tile, when tiling), each text encoder's is a constant per prompt.
+
+Each strategy then combines them the way diffusers places weights: all resident (sum of weights + the
+largest stage), model offload (the largest component + its stage), group offload (non-block weights + two
+blocks in flight + the stage), sequential offload (the largest single layer + the stage).
+
+``sd35fp8 plan --vram 12 --preset large`` ranks every strategy, marks what fits with a safety margin, and
+recommends the fastest that keeps image quality.
+
+Example:
+    >>> p = plan(12, "large", 1024, 1024)
+    >>> p.recommended.fits, p.recommended.lossless
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import InvalidPlanInput
+from .memory import STRATEGIES, VAE_TILE_PX, Strategy, get_strategy
+
+GIB = 2 ** 30
+PLAN_PRESETS = ("large", "medium")
+TEXT_TOKENS = 77 + 256
+"""Text tokens the SD3 transformer attends to: CLIP (77) + T5 (256, ``max_sequence_length``)."""
+DEFAULT_MARGIN = 0.10
+"""Safety margin on the predicted allocator peak: fragmentation (reserved > allocated) and other processes."""
+DEFAULT_STEPS = 28
+
+
+@dataclass(frozen=True)
+class ComponentStats:
+    """Element counts of one component (parameters + floating buffers), from a meta-device instance."""
+
+    elements: int        # all floating parameters and buffers (SD3's pos_embed buffer included)
+    fp8_weights: int     # elements of the Linear weights the FP8 policy converts
+    fp8_rows: int        # output rows of those Linears (one float32 scale each)
+    block_elements: int  # elements inside the block lists group offload moves one at a time
+    max_block: int       # elements of the largest block
+    max_leaf: int        # elements of the largest single module (what sequential offload holds)
+
+    def weight_bytes(self, fp8: bool = False) -> int:
+        """bf16 bytes, or FP8-storage bytes: exactly the converted weights shrink (2 → 1 byte) + their scales."""
+        return 2 * self.elements - ((self.fp8_weights - 4 * self.fp8_rows) if fp8 else 0)
+
+
+# Counted by count_architecture() on the meta device (tests/test_memory.py recomputes them).
+_SHARED = {
+    "clip_l": ComponentStats(123_650_304, 0, 0, 85_054_464, 7_087_872, 37_945_344),
+    "clip_g": ComponentStats(694_659_840, 0, 0, 629_678_080, 19_677_440, 63_242_240),
+    "t5": ComponentStats(4_762_310_656, 4_630_511_616, 983_040, 4_630_710_272, 192_948_224, 131_596_288),
+    "vae": ComponentStats(83_819_683, 0, 0, 62_599_680, 16_524_800, 2_359_808),
+}
+ARCHITECTURE: dict[str, dict[str, ComponentStats]] = {
+    "large": {"transformer": ComponentStats(8_146_280_768, 8_036_106_240, 2_755_456, 8_017_073_408,
+                                            212_999_680, 89_653_248), **_SHARED},
+    "medium": {"transformer": ComponentStats(2_469_663_936, 2_233_466_880, 1_234_944, 2_223_694_976,
+                                             101_506_944, 226_492_416), **_SHARED},
+}
+PIPELINE_NAMES = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3",
+                  "transformer": "transformer", "vae": "vae"}
+FP8_COMPONENTS = ("transformer", "t5")
+
+
+def count_architecture(preset: str) -> dict[str, ComponentStats]:
+    """Recount :data:`ARCHITECTURE` from the preset's configs on the meta device (no memory, ~4 s)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from .fp8 import POLICIES, TEXT_ENCODER_POLICY
+    from .memory import GROUP_BLOCK_MODULES
+    from .presets import get_preset, instantiate_transformer
+
+    p = get_preset(preset)
+    with torch.device("meta"):
+        models = {"clip_l": (CLIPTextModelWithProjection(CLIPTextConfig(**p.clip_l)), None),
+                  "clip_g": (CLIPTextModelWithProjection(CLIPTextConfig(**p.clip_g)), None),
+                  "t5": (T5EncoderModel(T5Config(**p.t5)), TEXT_ENCODER_POLICY),
+                  "vae": (AutoencoderKL(**p.vae), None),
+                  "transformer": (instantiate_transformer(p), POLICIES["all-linear"])}
+    return {name: _count(model, policy, GROUP_BLOCK_MODULES[PIPELINE_NAMES[name]])
+            for name, (model, policy) in models.items()}
+
+
+def _count(model, policy, block_modules) -> ComponentStats:
+    import torch
+
+    def elements(m, recurse=True) -> int:
+        tensors = list(m.parameters(recurse=recurse)) + list(m.buffers(recurse=recurse))
+        return sum(t.numel() for t in tensors if t.is_floating_point())
+
+    converted = [m for fqn, m in model.named_modules() if policy is not None and policy(m, fqn)]
+    blocks: list = []
+
+    def walk(module) -> None:  # diffusers' block-level rule: top-level lists, recursing into block_modules
+        for name, child in module.named_children():
+            if block_modules and name in block_modules:
+                walk(child)
+            elif isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+                blocks.extend(child)
+
+    walk(model)
+    return ComponentStats(elements(model), sum(m.weight.numel() for m in converted),
+                          sum(m.out_features for m in converted), sum(elements(b) for b in blocks),
+                          max((elements(b) for b in blocks), default=0),
+                          max(elements(m, recurse=False) for m in model.modules()))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Activation terms and timings measured on one GPU, with their provenance."""
+
+    device: str
+    date: str
+    versions: dict[str, str]
+    command: str
+    transformer_act_base: dict[str, float]       # bytes above the weights during a denoising step, per preset
+    transformer_act_per_token: dict[str, float]  # … plus bytes per token (image + text tokens, × batch × CFG)
+    vae_decode_base: float                       # bytes above VAE weights during decode …
+    vae_decode_per_pixel: float                  # … plus bytes per decoded pixel (untiled)
+    encoder_act: dict[str, float]                # bytes above weights while encoding one prompt with CFG
+    cuda_context: float                          # driver/context memory outside PyTorch's allocator
+    host_baseline: float                         # RSS of a process with torch + diffusers imported
+    seconds_per_image: dict[str, dict[str, float]] = field(default_factory=dict)  # preset → strategy → s (28 steps)
+
+
+PRIOR_CALIBRATION = Calibration(
+    device="NVIDIA H100 80GB HBM3 (REFERENCE §10 anchors; prior before the memory benchmark)",
+    date="2026-11-24", versions={"torch": "2.11.0+cu130", "diffusers": "0.42.1"},
+    command="REFERENCE.md §10",
+    transformer_act_base={"large": 0.0, "medium": 0.0},
+    transformer_act_per_token={"large": 0.53 * GIB / 8858, "medium": 0.53 * GIB / 8858 * 1536 / 2432},
+    vae_decode_base=0.0, vae_decode_per_pixel=(2.57 - 0.16) * GIB / 1024 ** 2,
+    encoder_act={"clip_l": 0.02 * GIB, "clip_g": 0.05 * GIB, "t5": 0.2 * GIB},
+    cuda_context=0.5 * GIB, host_baseline=1.0 * GIB,
+)
+CALIBRATION = PRIOR_CALIBRATION
+"""The calibration in use (replaced by the GPU run's numbers; see docs/benchmarks.md ## Memory)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted peaks of one strategy for one run. Bytes; ``card_needed`` includes margin and CUDA context."""
+
+    preset: str
+    strategy: str
+    description: str
+    height: int
+    width: int
+    batch: int
+    gpu_peak: int
+    stage_peaks: dict[str, int]
+    host_ram: int
+    card_needed: int
+    relative_speed: float
+    seconds_per_image: float | None
+    lossless: bool
+    quality: str
+    fits: bool | None = None
+
+
+def predict(preset: str, strategy: str | Strategy, height: int = 1024, width: int = 1024, batch: int = 1, *,
+            precision: str = "bf16", guidance: bool = True, margin: float = DEFAULT_MARGIN,
+            calibration: Calibration | None = None) -> Prediction:
+    """Peak GPU memory (allocator) and host RAM of ``strategy`` for one generation.
+
+    ``precision="fp8"`` means the pipeline was already loaded in FP8 storage; strategies with ``fp8`` use it
+    regardless. Example:
+
+        >>> p = predict("large", "resident")
+        >>> round(p.stage_peaks["weights"] / 2**30, 1)   # bf16 weights of the whole pipeline
+        25.7
+    """
+    _check_inputs(preset, height, width, batch, margin)
+    if precision not in ("bf16", "fp8"):
+        raise InvalidPlanInput("precision", precision, "is not a precision policy", fix="use 'bf16' or 'fp8'")
+    cal = calibration or CALIBRATION
+    s = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    fp8 = s.fp8 or precision == "fp8"
+    arch = {k: v for k, v in ARCHITECTURE[preset].items() if not (s.drop_t5 and k == "t5")}
+    w = {k: v.weight_bytes(fp8 and k in FP8_COMPONENTS) for k, v in arch.items()}
+    cfg = 2 if guidance else 1
+    tokens = batch * cfg * (height // 16 * (width // 16) + TEXT_TOKENS)
+    act = {k: cal.encoder_act[k] * batch for k in ("clip_l", "clip_g", "t5") if k in arch}
+    act["transformer"] = cal.transformer_act_base[preset] + cal.transformer_act_per_token[preset] * tokens
+    tiled = s.vae_tiling and max(height, width) > VAE_TILE_PX
+    pixels = min(height, VAE_TILE_PX) * min(width, VAE_TILE_PX) if tiled else height * width * batch
+    act["vae"] = cal.vae_decode_base + cal.vae_decode_per_pixel * pixels + (3 * 4 * height * width * batch if tiled else 0)
+    resident = {  # weights on the GPU while component k runs
+        "none": lambda k: sum(w.values()),
+        "model": lambda k: w[k],
+        "group": lambda k: _bytes_per_element(w, arch, k) * (arch[k].elements - arch[k].block_elements
+                                                             + 2 * arch[k].max_block),
+        "sequential": lambda k: 2 * arch[k].max_leaf,
+    }[s.offload]
+    stages = {k: int(resident(k) + act[k]) for k in arch}
+    peak = max(stages.values())
+    stage_peaks = {"weights": int(resident("transformer")) if s.offload != "none" else int(sum(w.values())), **stages}
+    offloaded = 0 if s.offload == "none" else sum(w.values()) * (2 if s.offload == "group" else 1)
+    speed, seconds = _speed(preset, s, cal)
+    return Prediction(preset, s.name, s.description, height, width, batch, peak, stage_peaks,
+                      int(cal.host_baseline + offloaded), int(peak * (1 + margin) + cal.cuda_context), speed,
+                      seconds, s.lossless, s.quality)
+
+
+def _bytes_per_element(w: dict[str, int], arch: dict[str, ComponentStats], k: str) -> float:
+    return w[k] / arch[k].elements
+
+
+def _speed(preset: str, s: Strategy, cal: Calibration) -> tuple[float, float | None]:
+    measured = cal.seconds_per_image.get(preset, {})
+    base = measured.get("resident")
+    own = measured.get(s.name)
+    if own is None and s.vae_tiling and s.name.endswith("_tiled"):
+        untiled = measured.get(s.name[: -len("_tiled")])
+        own = untiled / 0.97 if untiled else None
+    if base and own:
+        return round(base / own, 3), own
+    return s.speed, None
+
+
+def candidates() -> list[Strategy]:
+    """Every ladder rung, plus the same with VAE tiling (what large images need)."""
+    seen: dict[str, Strategy] = {}
+    for s in STRATEGIES:
+        for v in (s, s.with_vae_tiling()):
+            seen.setdefault(v.name, v)
+    return list(seen.values())
+
+
+def _check_inputs(preset: str, height: int, width: int, batch: int, margin: float) -> None:
+    if preset not in PLAN_PRESETS:
+        raise InvalidPlanInput("preset", preset, "is not a preset the planner knows",
+                               fix=f"choose one of {', '.join(PLAN_PRESETS)}")
+    from .presets import get_preset
+
+    p = get_preset(preset)
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value < p.size_multiple:
+            raise InvalidPlanInput(name, value, f"must be a whole number of pixels >= {p.size_multiple}")
+        if value % p.size_multiple:
+            low = value // p.size_multiple * p.size_multiple
+            raise InvalidPlanInput(name, value, f"is not a multiple of {p.size_multiple}; nearest valid: "
+                                   f"{low} or {low + p.size_multiple}")
+        if value > p.max_side_px:
+            raise InvalidPlanInput(name, value, f"is over SD3.5 {preset}'s single-pass limit of {p.max_side_px} px",
+                                   fix="plan for a size at or below the limit; tiled generation (notebook 04) goes larger")
+    if not isinstance(batch, int) or batch < 1:
+        raise InvalidPlanInput("batch", batch, "must be a whole number >= 1")
+    if not 0 <= margin < 1:
+        raise InvalidPlanInput("margin", margin, "must be a fraction in [0, 1), e.g. 0.1 for 10%")
+
+
+@dataclass
+class Plan:
+    """Every candidate strategy for one card, ranked by speed; which fit; the recommendation."""
+
+    preset: str
+    vram_gib: float
+    height: int
+    width: int
+    batch: int
+    margin: float
+    rows: list[Prediction]
+    recommended: Prediction | None
+    note: str
+    calibration: str
+
+    @property
+    def fitting(self) -> list[Prediction]:
+        return [r for r in self.rows if r.fits]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        return [{"strategy": r.strategy, "fits": "yes" if r.fits else "no",
+                 "predicted peak GiB": f"{r.gpu_peak / GIB:.2f}", "card needed GiB": f"{r.card_needed / GIB:.1f}",
+                 "relative speed": f"{r.relative_speed:.2f}",
+                 "s/image": f"{r.seconds_per_image:.1f}" if r.seconds_per_image else "—",
+                 "host RAM GiB": f"{r.host_ram / GIB:.1f}", "quality": r.quality} for r in self.rows]
+
+    def to_text(self) -> str:
+        head = (f"SD3.5 {self.preset}, {self.width}x{self.height}, batch {self.batch}, card {self.vram_gib:g} GiB "
+                f"(margin {self.margin:.0%} + CUDA context)")
+        cols = ["strategy", "fits", "predicted peak GiB", "card needed GiB", "relative speed", "s/image",
+                "host RAM GiB", "quality"]
+        rows = self.table_rows()
+        widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+        lines = [head, "  ".join(c.ljust(widths[c]) for c in cols)]
+        lines += ["  ".join(r[c].ljust(widths[c]) for c in cols) for r in rows]
+        return "\n".join(lines + ["", self.note, f"calibration: {self.calibration}"])
+
+
+def plan(vram_gib: float, preset: str = "large", height: int = 1024, width: int = 1024, batch: int = 1, *,
+         margin: float = DEFAULT_MARGIN, calibration: Calibration | None = None) -> Plan:
+    """Rank the strategies for a card of ``vram_gib`` GiB; recommend the fastest that fits without quality loss.
+
+    When nothing fits, :attr:`Plan.note` says what is impossible and the nearest thing that works (the
+    smallest card for this preset, or Medium on this card).
+    """
+    if isinstance(vram_gib, bool) or not isinstance(vram_gib, (int, float)) or not vram_gib > 0:
+        raise InvalidPlanInput("vram", vram_gib, "must be a positive number of GiB",
+                               fix="pass your card's memory, e.g. --vram 12 (nvidia-smi shows it)")
+    cal = calibration or CALIBRATION
+    budget = vram_gib * GIB
+    rows = []
+    for s in candidates():
+        p = predict(preset, s, height, width, batch, margin=margin, calibration=cal)
+        rows.append(Prediction(**{**asdict(p), "fits": p.card_needed <= budget}))
+    rows.sort(key=lambda r: (-r.relative_speed, r.gpu_peak))
+    fitting = [r for r in rows if r.fits]
+    lossless = [r for r in fitting if r.lossless]
+    recommended = (lossless or fitting or [None])[0]
+    if recommended is None:
+        leanest = min(rows, key=lambda r: r.card_needed)
+        note = (f"IMPOSSIBLE: SD3.5 {preset} at {width}x{height} does not fit a {vram_gib:g} GiB card with any "
+                f"strategy. Nearest that works: a card of at least {leanest.card_needed / GIB:.1f} GiB "
+                f"({leanest.strategy}, predicted peak {leanest.gpu_peak / GIB:.2f} GiB)")
+        if preset == "large":
+            medium = plan(vram_gib, "medium", height, width, batch, margin=margin, calibration=cal)
+            if medium.recommended is not None:
+                note += f", or --preset medium, which fits this card with {medium.recommended.strategy}"
+        note += "."
+    else:
+        note = (f"RECOMMENDED: {recommended.strategy} — {recommended.description}; predicted peak "
+                f"{recommended.gpu_peak / GIB:.2f} GiB, relative speed {recommended.relative_speed:.2f}.")
+        if fitting[0] is not recommended:
+            note += (f" Faster but changes images: {fitting[0].strategy} ({fitting[0].quality}).")
+        if not recommended.lossless:
+            note += f" Only strategies that change images fit: {recommended.quality}."
+    return Plan(preset, vram_gib, height, width, batch, margin, rows, recommended, note,
+                f"{cal.device}, {cal.date}")
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+def _plan_args(p) -> None:
+    p.add_argument("--vram", type=float, required=True, help="GPU memory of the card, GiB (nvidia-smi)")
+    p.add_argument("--preset", default="large", help="large or medium")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="safety margin on the peak (0.1 = 10%%)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _plan_cli(args) -> int:
+    result = plan(args.vram, args.preset, args.height, args.width, args.batch, margin=args.margin)
+    print(result.to_json() if args.json else result.to_text())
+    return 0 if result.recommended is not None else 1
+
+
+def register_cli(command) -> None:
+    command("plan", "rank memory strategies for a card: predicted peak, speed, what fits", _plan_args)(_plan_cli)
