@@ -4,8 +4,9 @@ No model hub is reachable in CI (and often not on a laptop on a train). Every no
 tests therefore run on a pipeline that has the *real* SD3.5 architecture — ``SD3Transformer2DModel`` with
 RMS qk-norm and a dual-attention layer, the 16-channel SD3 VAE with its shift/scaling factors, CLIP-L and
 CLIP-G with projections, a T5 encoder, the flow-matching Euler scheduler — at a size that builds in well
-under a second once the libraries are imported. Its tokenizers are trained here, with the ``tokenizers``
-library, on a small built-in corpus.
+under a second once the libraries are imported. Its tokenizers (``tokenizers`` BPE and Unigram models, as in
+the real CLIP and T5) are learned here from a small built-in corpus, deterministically: the same seed gives
+byte-identical files in every process.
 
 It is saved in standard diffusers layout (``model_index.json``, one sub-folder per component, safetensors),
 so ``StableDiffusion3Pipeline.from_pretrained(folder)`` loads it exactly as it loads a real download: the
@@ -19,10 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import string
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +37,7 @@ from .presets import TINY
 TINY_MARKER = "sd35fp8_tiny.json"
 """Marker file that says 'this folder is the embedded tiny model' (and with which seed)."""
 
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2
 """Bump when the builder changes what it writes: the cache key includes it."""
 
 _CORPUS = """
@@ -72,39 +77,79 @@ class TinyModelInfo:
         return f"tiny SD3.5 pipeline at {self.path} ({self.size_bytes / 1e6:.1f} MB, seed {self.seed}; {how})"
 
 
+_CLIP_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()"
+_CLIP_MERGES = 300
+_T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
+
+
+def _corpus_words(pattern: str) -> Counter:
+    return Counter(w for line in _CORPUS for w in re.findall(pattern, line.lower()))
+
+
+def _learn_bpe(words: Counter, merges: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Byte-pair merges learned from word counts, ties broken alphabetically.
+
+    Why not ``tokenizers.trainers.BpeTrainer``? It breaks ties between equally frequent pairs in hash-map
+    order, which changes from one process to the next: the same seed would give different tokenizers,
+    and so different images. This is the same algorithm with a deterministic tie-break.
+    """
+    splits = {w: [*w[:-1], w[-1] + "</w>"] for w in sorted(words)}
+    symbols = sorted({c for c in _CLIP_ALPHABET} | {c + "</w>" for c in _CLIP_ALPHABET})
+    learned: list[tuple[str, str]] = []
+    for _ in range(merges):
+        pairs: Counter = Counter()
+        for w, parts in splits.items():
+            for pair in zip(parts, parts[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        learned.append(best)
+        for w, parts in splits.items():
+            i, merged = 0, []
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            splits[w] = merged
+    return symbols + [a + b for a, b in learned], learned
+
+
 def _train_clip_tokenizer():
-    """A CLIP BPE tokenizer (``</w>`` end-of-word suffix, CLIP's special tokens), trained on the corpus."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A CLIP BPE tokenizer (``</w>`` end-of-word suffix, CLIP's special tokens, 77 tokens), learned from the corpus."""
     from transformers import CLIPTokenizer
 
-    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
-        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()"), show_progress=False,
-    )
-    bpe.train_from_iterator(_CORPUS, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # The same word split as CLIPTokenizer's pre-tokenizer: letters, single digits, runs of punctuation.
+    symbols, merges = _learn_bpe(_corpus_words(r"[a-z]+|[0-9]|[^\sa-z0-9]+"), _CLIP_MERGES)
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(["<|startoftext|>", "<|endoftext|>", *symbols]))}
     # model_max_length must be explicit: SD3 truncates CLIP input at 77 tokens.
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77, pad_token="<|endoftext|>")
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
 
 
 def _train_t5_tokenizer(workdir: Path):
-    """A T5-style Unigram tokenizer (``<pad>``=0, ``</s>``=1, ``<unk>``=2, Metaspace), trained on the corpus."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A T5-style Unigram tokenizer (``<pad>``=0, ``</s>``=1, ``<unk>``=2, Metaspace) from corpus word statistics.
+
+    Pieces are whole words (``▁word``) scored by log frequency, plus single characters as a fallback, built
+    deterministically (see :func:`_learn_bpe` for why not the library's trainer).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
-    uni = Tokenizer(models.Unigram())
+    words = _corpus_words(r"[^\s]+")
+    total = sum(words.values())
+    pieces = [(f"\u2581{w}", math.log(c / total)) for w, c in sorted(words.items())]
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + "\u2581")
+                   | {ch for w in words for ch in w})
+    pieces += [(ch, math.log(1 / total) - 5.0) for ch in chars]  # rarer than any word: used only as fallback
+    uni = Tokenizer(models.Unigram([(t, 0.0) for t in _T5_SPECIALS] + pieces, unk_id=2))
     uni.normalizer = normalizers.NFKC()
     uni.pre_tokenizer = pre_tokenizers.Metaspace()
     uni.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", show_progress=False)
-    uni.train_from_iterator(_CORPUS, trainer)
-    uni.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", uni.token_to_id("</s>"))])
+    uni.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
     path = workdir / "t5-tokenizer.json"
     uni.save(str(path))
     return T5TokenizerFast(tokenizer_file=str(path), pad_token="<pad>", eos_token="</s>", unk_token="<unk>",

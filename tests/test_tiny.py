@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -57,6 +58,17 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
     assert json.loads((a.path / TINY_MARKER).read_text())["seed"] == 5
+
+
+def test_two_processes_build_byte_identical_folders(cli, tmp_path):
+    """Seed for seed, every file — weights, configs, tokenizers — is identical across processes."""
+    for name in ("p1", "p2"):
+        assert cli("tiny", str(tmp_path / name), "--seed", "3").returncode == 0
+    digest = lambda root: {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                           for p in sorted(root.rglob("*")) if p.is_file()}
+    first, second = digest(tmp_path / "p1"), digest(tmp_path / "p2")
+    assert "tokenizer/tokenizer.json" in first and "tokenizer_3/tokenizer.json" in first
+    assert first == second
 
 
 def test_build_leaves_global_rng_untouched():
