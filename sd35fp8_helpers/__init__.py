@@ -28,16 +28,22 @@ _EXPORTS: dict[str, str] = {
     "get_preset": "presets", "PRESETS": "presets", "instantiate_transformer": "presets",
     "run_all": "notebooks",
     "settings": "constants",
+    "quantize_": "fp8", "FP8Config": "fp8", "FP8Report": "fp8", "save_quantized": "fp8",
+    "load_comfy_pipeline": "comfy", "quality_report": "quality", "run_bench": "bench",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .constants import settings
+    from .bench import run_bench
+    from .comfy import load_comfy_pipeline
     from .env import Check, DoctorReport, run_doctor
+    from .fp8 import FP8Config, FP8Report, quantize_, save_quantized
     from .generation import GenerationResult, GenerationSettings, generate, read_png_metadata, settings_from_png
     from .models import ModelSource, load_pipeline, resolve_model
     from .notebooks import run_all
     from .presets import PRESETS, get_preset, instantiate_transformer
+    from .quality import quality_report
     from .tiny import build_tiny_pipeline, save_tiny_model, tiny_model_path
 
 

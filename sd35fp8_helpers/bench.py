@@ -191,9 +191,11 @@ def run_variant(name: str, preset: str, height: int, width: int, steps: int, dev
 
     res = VariantResult(name, VARIANTS[name])
     cuda = device.startswith("cuda")
+    t0 = time.perf_counter()
     model = build_transformer(preset, device)
     try:
         _prepare(name, model)
+        print(f"  {name}: built and converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     except FP8ComputeUnavailable as e:
         res.status = f"skipped: {e.one_line.split(' fix:')[0]}"
         return res, None
@@ -259,8 +261,12 @@ def measure_t5(preset: str, device: str) -> dict[str, Any]:
 
 def run_bench(preset: str = "tiny", *, height: int | None = None, width: int | None = None, steps: int | None = None,
               variants: tuple[str, ...] = DEFAULT_VARIANTS, device: str | None = None, warmup: int = 3,
-              repeats: int = 7, warm_start: bool = False, t5: bool = False, command: str = "") -> BenchResult:
-    """Time every variant of one preset; optionally re-run compiled ones in a fresh process (warm cache)."""
+              repeats: int = 7, warm_start: bool = False, t5: bool = False, command: str = "",
+              json_path: str | Path | None = None) -> BenchResult:
+    """Time every variant of one preset; optionally re-run compiled ones in a fresh process (warm cache).
+
+    ``json_path`` is rewritten after every variant, so a run stopped by a time limit keeps what it measured.
+    """
     import torch
 
     from .generation import library_versions
@@ -296,18 +302,28 @@ def run_bench(preset: str = "tiny", *, height: int | None = None, width: int | N
         if v == "bf16" and out is not None:
             reference = out
         result.variants.append(res)
-        print(f"  {v}: {json.dumps(asdict(res))}", file=sys.stderr, flush=True)  # survives a killed run
+        print(f"  {v}: {json.dumps(asdict(res))}", file=sys.stderr, flush=True)
+        _write(result, json_path)
     base = next((r for r in result.variants if r.variant == "bf16" and r.ms_per_step), None)
     for r in result.variants:
         if base and r.ms_per_step:
             r.speedup = base.ms_per_step / r.ms_per_step
+    _write(result, json_path)
     if warm_start:
         for r in result.variants:
             if r.status == "ok" and _compiled(r.variant) and (r.variant.startswith("fp8") or not device.startswith("cuda")):
                 r.warm_first_call_s = _warm_first_call(r.variant, preset, height, width, device)
+        _write(result, json_path)
     if t5:
-        result.text_encoder_3 = measure_t5(preset if preset != "tiny" else "tiny", device)
+        result.text_encoder_3 = measure_t5(preset, device)
+        _write(result, json_path)
     return result
+
+
+def _write(result: BenchResult, json_path: str | Path | None) -> None:
+    if json_path and str(json_path) != "-":
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(result.to_json() + "\n")
 
 
 def _compiled(variant: str) -> bool:
@@ -360,13 +376,11 @@ def _bench_cmd(args) -> int:
     command = "sd35fp8 bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     result = run_bench(args.preset, height=args.height, width=args.width, steps=args.steps,
                        variants=tuple(args.variants), device=args.device, warmup=args.warmup,
-                       repeats=args.repeats, warm_start=args.warm_start, t5=args.t5, command=command)
+                       repeats=args.repeats, warm_start=args.warm_start, t5=args.t5, command=command,
+                       json_path=args.json)
     if args.json == "-":
         print(result.to_json())
         return 0
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(result.to_json() + "\n")
     print(result.table())
     return 0
 
@@ -375,9 +389,14 @@ def register_cli(command) -> None:
     command("bench", "time the SD3.5 transformer step in bf16 / FP8 storage / FP8 compute", _bench_args)(_bench_cmd)
 
 
+def benchmarks_folder() -> Path:
+    """``docs/benchmarks`` of this repository: the JSON measured on the GPU machine and committed."""
+    return Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+
+
 def load_results(folder: str | Path) -> list[dict[str, Any]]:
-    """Every benchmark JSON in ``folder`` (e.g. ``docs/benchmarks``), for plots and tables."""
-    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    """Every ``fp8-*.json`` written by ``sd35fp8 bench`` in ``folder`` (e.g. ``docs/benchmarks``)."""
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("fp8-*.json"))]
 
 
 def plot_results(results: list[dict[str, Any]]):

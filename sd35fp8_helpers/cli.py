@@ -21,7 +21,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
 
 EXTENSIONS: tuple[str, ...] = ("sd35fp8_helpers.verify", "sd35fp8_helpers.hub", "sd35fp8_helpers.fp8",
                                "sd35fp8_helpers.bench", "sd35fp8_helpers.comfy", "sd35fp8_helpers.plan",
-                               "sd35fp8_helpers.onboarding", "sd35fp8_helpers.report")
+                               "sd35fp8_helpers.onboarding", "sd35fp8_helpers.report",
+                               "sd35fp8_helpers.serve", "sd35fp8_helpers.demo")
 """Modules that add sub-commands through a ``register_cli(command)`` function."""
 
 

@@ -15,6 +15,10 @@ Environment variables (read by :func:`settings`, once per process; tests build t
 ``TRANSFORMERS_CACHE``     Deprecated by transformers; still honoured by some old code. Use ``HF_HUB_CACHE``.
 ``HF_TOKEN``               Hub access token for gated repositories. Read, never printed or logged.
 ``HF_HUB_OFFLINE``         ``1`` makes the hub client refuse all network access.
+``HF_ENDPOINT``            Hub URL, read by huggingface_hub at import (tests point it at a local server).
+``SD35FP8_API_KEYS``       Keys ``sd35fp8 serve`` accepts, comma-separated (plain keys, hashed at start-up, or
+                           ``LABEL sha256:SALT:DIGEST`` lines from ``sd35fp8 api-key``); added to ``--keys-file``.
+                           Never printed (``repr`` hides it) or logged.
 =========================  ===========================================================================
 """
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -70,6 +74,7 @@ class Settings:
     transformers_cache: str | None
     hub_offline: bool
     token_in_env: bool
+    api_keys: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -84,6 +89,7 @@ class Settings:
             transformers_cache=env.get("TRANSFORMERS_CACHE") or None,
             hub_offline=(env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}),
             token_in_env=bool(env.get("HF_TOKEN", "").strip()),
+            api_keys=env.get("SD35FP8_API_KEYS", ""),
         )
 
 

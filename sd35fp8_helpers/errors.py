@@ -15,6 +15,7 @@
      ├── GitCommandFailed (RuntimeError)       a git / git lfs command exited non-zero
      ├── ModelVerificationFailed (ValueError)  a model folder has pointer files, truncated or pickle weights …
      ├── NotEnoughDisk (OSError)               "needs X GB, Y GB free at PATH", before downloading
+     ├── ServerStartFailed (RuntimeError)      `sd35fp8 serve` exited or was not ready (message: its last log lines)
      └── HubError                              the hub said no, translated (never shows the token):
           ├── GatedRepo (PermissionError)      accept the licence on the model page, then authenticate
           ├── HubAuthFailed (PermissionError)  401 bad/expired token, or 403 token without permission
@@ -203,6 +204,14 @@ class NotEnoughDisk(Sd35fp8Error, OSError):
         super().__init__(f"needs {gb(need_bytes)}, {gb(free_bytes)} free at {self.path}",
                          fix="free some space, or download elsewhere: --local-dir on a larger disk, or set "
                              "HF_HUB_CACHE (or HF_HOME) to a folder on a larger, fast local disk")
+
+
+class ServerStartFailed(Sd35fp8Error, RuntimeError):
+    """``sd35fp8 serve`` could not load its model, exited early, or was not ready in time.
+
+    Example message: ``sd35fp8 serve exited with code 1 before it was ready: … ModelNotFound …
+    fix: read the whole log: /tmp/sd35fp8-serve-…/server.log``.
+    """
 
 
 class HubError(Sd35fp8Error):

@@ -31,9 +31,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .constants import DISK_SAFETY_FACTOR, settings
+from .env import _existing_parent
 from .errors import (GatedRepo, HubAuthFailed, HubError, HubOffline, ModelNotFound, ModelVerificationFailed,
                      NotEnoughDisk, RepoNotOnHub)
 
@@ -43,6 +44,9 @@ never the all-in-one single-file checkpoint that SD3.5 repos also carry at their
 
 STAGING_SUFFIX = ".partial"
 """``--local-dir DIR`` downloads into ``.DIR.partial`` beside it, then moves the files into ``DIR``."""
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .verify import VerifyReport
 
 GB = 10**9
 
@@ -143,7 +147,7 @@ class DownloadResult:
     path: Path
     plan: DownloadPlan
     seconds: float
-    report: "object"  # verify.VerifyReport
+    report: VerifyReport
 
     def __str__(self) -> str:
         return f"{self.path} in {self.seconds:.1f} s; {self.report.summary()}"
@@ -239,12 +243,6 @@ def _call(repo_id: str, revision: str | None, fn, /, *args, **kwargs):
 
 
 # --- preflight ----------------------------------------------------------------------------------------
-
-def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
 
 def check_disk(need_bytes: int, path: str | os.PathLike, free_bytes: int | None = None) -> int:
     """Raise :class:`NotEnoughDisk` unless ``need_bytes`` fit at ``path``; returns the free bytes.

@@ -10,7 +10,7 @@ stores a small text *pointer* per file::
 and the ``git-lfs`` filter swaps pointers for contents at checkout. Clone without git-lfs installed (or
 with ``GIT_LFS_SKIP_SMUDGE=1``) and every ``.safetensors`` file is one of these ~130-byte pointers; loading
 it fails much later with ``Error while deserializing header: header too large`` (safetensors reads the
-first 8 bytes, ``"version "``, as a little-endian header length of about 7 exabytes).
+first 8 bytes, ``"version "``, as a little-endian header length of about 2.3 exabytes).
 
 This module finds pointers anywhere in a folder (:func:`find_pointers`), hashes files in a streaming way
 with a progress bar (:func:`sha256_file`), and runs the real commands: :func:`clone` (optionally without
@@ -266,9 +266,23 @@ def pull(repo: str | os.PathLike, include: Iterable[str] | None = None) -> list[
 
 
 def ls_files(repo: str | os.PathLike) -> list[LfsFile]:
-    """``git lfs ls-files --json``: every LFS file in HEAD, its oid, size, and whether it is checked out."""
+    """``git lfs ls-files``: every LFS file in HEAD, its oid, size, and whether it is checked out.
+
+    Uses ``--json`` (git-lfs >= 3.2); older git-lfs (Ubuntu 22.04 ships 3.0) gets ``--long``, with each
+    size read from the pointer, or from the file once it is checked out.
+    """
     git_lfs_version()
-    data = json.loads(_git(["lfs", "ls-files", "--json"], cwd=Path(repo)) or "{}")
+    repo = Path(repo)
+    try:
+        data = json.loads(_git(["lfs", "ls-files", "--json"], cwd=repo) or "{}")
+    except GitCommandFailed:
+        files = []
+        for line in _git(["lfs", "ls-files", "--long"], cwd=repo).splitlines():
+            oid, mark, path = line.split(" ", 2)
+            pointer = read_pointer(repo / path)
+            size = pointer.size if pointer else (repo / path).stat().st_size
+            files.append(LfsFile(path, oid, size, mark == "*"))
+        return files
     return [LfsFile(f["name"], f["oid"], int(f["size"]), bool(f["checkout"])) for f in data.get("files") or []]
 
 

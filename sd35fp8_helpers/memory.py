@@ -11,7 +11,7 @@ dropping T5, prompt fidelity) for memory, from fastest to leanest:
 ``fp8_model_offload``          FP8, one whole component on the GPU at a time (``enable_model_cpu_offload``)
 ``fp8_group_offload``          FP8, one block at a time, prefetched on a CUDA stream (``apply_group_offloading``)
 ``fp8_group_offload_tiled``    … and the VAE decodes 512 px tiles (``vae.enable_tiling`` + slicing)
-``fp8_sequential_offload_tiled``  one layer at a time (``enable_sequential_cpu_offload``): leanest, slowest
+``fp8_sequential_offload_tiled``  one layer at a time (accelerate ``cpu_offload``): leanest, slowest
 =============================  ===============================================================================
 
 Each strategy is plain data (a frozen dataclass) with an ``apply(pipe)`` that uses diffusers' levers.
@@ -76,7 +76,6 @@ class Strategy:
     speed: float = 1.0
     host_ram: str = "only what loading needs"
     quality: str = "same images"
-    accelerator_only: bool = False
 
     @property
     def lossless(self) -> bool:
@@ -172,9 +171,9 @@ STRATEGIES: tuple[Strategy, ...] = (
              fp8=True, offload="group", vae_tiling=True, speed=0.48,
              host_ram="~2x the FP8 weights (pinned copies for streaming)",
              quality="FP8 rounding; faint tile seams possible"),
-    Strategy("fp8_sequential_offload_tiled", "FP8, one layer at a time (enable_sequential_cpu_offload), VAE tiles",
+    Strategy("fp8_sequential_offload_tiled", "FP8, one layer at a time (sequential CPU offload), VAE tiles",
              fp8=True, offload="sequential", vae_tiling=True, speed=0.1, host_ram="all weights (FP8) in host RAM",
-             quality="FP8 rounding; faint tile seams possible", accelerator_only=True),
+             quality="FP8 rounding; faint tile seams possible"),
 )
 """The ladder, fastest → leanest (``speed`` values are priors from docs/benchmarks.md and REFERENCE §10)."""
 
@@ -187,12 +186,6 @@ def get_strategy(name: str) -> Strategy:
             return s.with_vae_tiling()
     raise InvalidPlanInput("strategy", name, "is not a strategy",
                            fix=f"choose one of {', '.join(s.name for s in STRATEGIES)} (or NAME_tiled)")
-
-
-def ladder_for(device: Any) -> tuple[Strategy, ...]:
-    """The rungs that work on ``device``: sequential offload needs an accelerator."""
-    on_cpu = str(device).startswith("cpu")
-    return tuple(s for s in STRATEGIES if not (on_cpu and s.accelerator_only))
 
 
 def current_strategy(pipe) -> Strategy:
@@ -264,15 +257,24 @@ def _apply_offload(pipe, offload: str, device) -> list[str]:
     if offload == "group":
         from diffusers.hooks import apply_group_offloading
 
-        stream = device.type == "cuda"
         for name, module in _modules(pipe).items():
+            nested = GROUP_BLOCK_MODULES.get(name)
+            # Streams prefetch the next block during the current one: it pays for the transformer (every
+            # step). diffusers 0.42 cannot combine streams with nested block_modules (the lazy-prefetch hook
+            # registers its tracker twice), and the text encoders / VAE run once per image anyway.
             apply_group_offloading(module, onload_device=device, offload_device="cpu", offload_type="block_level",
-                                   num_blocks_per_group=1, use_stream=stream,
-                                   block_modules=GROUP_BLOCK_MODULES.get(name))
-        return [f"group offload (block level{', CUDA stream prefetch' if stream else ''}) onto {device}"]
+                                   num_blocks_per_group=1, use_stream=device.type == "cuda" and not nested,
+                                   block_modules=nested)
+        stream = ", CUDA-stream prefetch for the transformer" if device.type == "cuda" else ""
+        return [f"group offload (block level{stream}) onto {device}"]
     if offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-        return [f"sequential offload: one layer at a time on {device}"]
+        # diffusers' enable_sequential_cpu_offload offloads buffers only for components whose top module has
+        # parameters of its own — none of SD3's do, so FP8-stored weights (buffers) would stay on the GPU.
+        from accelerate import cpu_offload
+
+        for module in _modules(pipe).values():
+            cpu_offload(module, device, offload_buffers=True)
+        return [f"sequential offload (weights and buffers): one layer at a time on {device}"]
     raise InvalidPlanInput("offload", offload, "is not an offload kind", fix=f"use one of {OFFLOAD_ORDER}")
 
 
@@ -295,7 +297,9 @@ def misplaced_modules(pipe) -> list[str]:
     """Parameters/buffers not where the pipeline's strategy says they rest between calls ([] = consistent).
 
     Resident: everything on the device. Model/group offload: everything back on the CPU. Sequential
-    offload: on the CPU or ``meta`` (accelerate keeps the real weights in a CPU map).
+    offload: on the CPU or ``meta`` (accelerate keeps the real weights in a CPU map). Only floating-point
+    tensors (weights) count: accelerate deliberately leaves small integer buffers (CLIP's ``position_ids``)
+    on the execution device.
     """
     import torch
 
@@ -305,7 +309,7 @@ def misplaced_modules(pipe) -> list[str]:
     wrong = []
     for name, module in _modules(pipe).items():
         tensors = list(module.named_parameters()) + list(module.named_buffers())
-        places = sorted({t.device.type for _, t in tensors} - allowed)
+        places = sorted({t.device.type for _, t in tensors if t.is_floating_point()} - allowed)
         if places:
             wrong.append(f"{name}: on {', '.join(places)} (expected {', '.join(sorted(allowed))})")
     return wrong
@@ -453,7 +457,7 @@ def generate_by_stage(pipe, settings, *, progress: bool = False) -> StagedRun:
     device = pipe._execution_device
     cfg = settings.guidance_scale > 1
     run = StagedRun(image=None, steps=settings.steps)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: offload hooks would create inference-only parameters
         with measure(device) as run.stages["encode"]:
             pe, npe, ppe, nppe = pipe.encode_prompt(
                 prompt=settings.prompt, prompt_2=None, prompt_3=None,
@@ -554,7 +558,7 @@ def generate_with_fallback(pipe, settings, ladder: tuple[Strategy, ...] | None =
     from .models import default_device
 
     device = torch.device(device or getattr(pipe, "_sd35fp8_device", None) or default_device())
-    ladder = ladder_for(device) if ladder is None else ladder
+    ladder = STRATEGIES if ladder is None else ladder
     steps: list[str] = []
     pending = list(ladder)
     while True:

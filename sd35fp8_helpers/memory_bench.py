@@ -63,20 +63,16 @@ def _peak_above(fn, device="cuda") -> float:
 
     free_memory()
     base = torch.cuda.memory_allocated()
-    with torch.inference_mode(), measure(device) as m:
+    with torch.no_grad(), measure(device) as m:
         fn()
     return float(m.gpu_peak_allocated - base)
 
 
-def calibrate(pipes: dict, versions: dict, device_name: str, command: str):
-    """Activation terms from micro-runs on the bf16 pipelines (before any strategy is applied)."""
+def calibrate_shared(any_pipe) -> dict:
+    """Activation terms of the text encoders and the VAE (shared by both presets), on a bf16 pipeline."""
     import torch
 
-    from .plan import TEXT_TOKENS, Calibration
     from .memory import cuda_context_bytes
-    import psutil
-
-    any_pipe = next(iter(pipes.values()))
     ids77 = torch.zeros(2, 77, dtype=torch.long, device="cuda")
     ids256 = torch.zeros(2, 256, dtype=torch.long, device="cuda")
     enc = {"clip_l": _peak_above(lambda: any_pipe.text_encoder(ids77, output_hidden_states=True)),
@@ -88,33 +84,51 @@ def calibrate(pipes: dict, versions: dict, device_name: str, command: str):
         lat = torch.randn(1, 16, side // 8, side // 8, device="cuda", dtype=torch.bfloat16)
         px[side] = _peak_above(lambda: vae.decode(lat))
     per_px = (px[1024] - px[512]) / (1024 ** 2 - 512 ** 2)
-    base_px = px[512] - per_px * 512 ** 2
-    act_base, act_tok = {}, {}
-    for preset, pipe in pipes.items():
-        tr = pipe.transformer
-        points = {}
-        for side in (512, 1024):
-            n = (side // 16) ** 2
-            x = torch.randn(2, 16, side // 8, side // 8, device="cuda", dtype=torch.bfloat16)
-            ctx = torch.randn(2, TEXT_TOKENS, 4096, device="cuda", dtype=torch.bfloat16)
-            pooled = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
-            t = torch.full((2,), 500.0, device="cuda")
-            points[2 * (n + TEXT_TOKENS)] = _peak_above(lambda: tr(x, ctx, pooled, t, return_dict=False))
-        (t1, p1), (t2, p2) = sorted(points.items())
-        act_tok[preset] = (p2 - p1) / (t2 - t1)
-        act_base[preset] = p1 - act_tok[preset] * t1
-    return Calibration(device=device_name, date=datetime.date.today().isoformat(), versions=versions,
-                       command=command, transformer_act_base=act_base, transformer_act_per_token=act_tok,
-                       vae_decode_base=base_px, vae_decode_per_pixel=per_px, encoder_act=enc,
-                       cuda_context=float(cuda_context_bytes()), host_baseline=float(psutil.Process().memory_info().rss))
+    return dict(encoder_act=enc, vae_decode_per_pixel=per_px, vae_decode_base=px[512] - per_px * 512 ** 2,
+                cuda_context=float(cuda_context_bytes()))
 
 
-def run_ladder(preset: str, pipe, cal, steps: int, log, device: str = "cuda", side: int = 1024) -> list[dict]:
+def calibrate_transformer(transformer) -> tuple[float, float]:
+    """(base, bytes per token) of the transformer's step peak above its weights: CFG batch at 512² and 1024²."""
+    import torch
+
+    from .plan import TEXT_TOKENS
+
+    points = {}
+    for side in (512, 1024):
+        n = (side // 16) ** 2
+        x = torch.randn(2, 16, side // 8, side // 8, device="cuda", dtype=torch.bfloat16)
+        ctx = torch.randn(2, TEXT_TOKENS, 4096, device="cuda", dtype=torch.bfloat16)
+        pooled = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
+        t = torch.full((2,), 500.0, device="cuda")
+        points[2 * (n + TEXT_TOKENS)] = _peak_above(lambda: transformer(x, ctx, pooled, t, return_dict=False))
+    (t1, p1), (t2, p2) = sorted(points.items())
+    per_token = (p2 - p1) / (t2 - t1)
+    return p1 - per_token * t1, per_token
+
+
+def diagnose_offload_step(pipe) -> list[dict]:
+    """Top CUDA ops of one denoising step under the current strategy (why is a step slow?)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from .generation import GenerationSettings
+    from .memory import generate_by_stage
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate_by_stage(pipe, GenerationSettings("a fox", steps=2, height=1024, width=1024))
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0))[:8]
+    return [{"op": e.key[:60], "calls": e.count, "device_ms": getattr(e, "self_device_time_total", 0) / 1e3}
+            for e in events]
+
+
+def run_ladder(preset: str, pipe, cal, steps: int, log, device: str = "cuda", side: int = 1024,
+               diagnose: bool = False) -> list[dict]:
     """Every strategy on one pipeline, in ladder order; T5-less rungs use a sibling pipeline sharing modules."""
     from diffusers import StableDiffusion3Pipeline
 
     from .generation import GenerationSettings
-    from .memory import STRATEGIES, generate_by_stage, misplaced_modules
+    from .memory import STRATEGIES, free_memory, generate_by_stage, misplaced_modules
     from .plan import predict
 
     rows = []
@@ -128,6 +142,9 @@ def run_ladder(preset: str, pipe, cal, steps: int, log, device: str = "cuda", si
             target._sd35fp8_strategy = pipe._sd35fp8_strategy
             target._sd35fp8_device = pipe._sd35fp8_device
         row = {"preset": preset, "strategy": s.name}
+        if s.drop_t5:  # the sibling shares modules: take T5 off the GPU as dropping it would
+            pipe.text_encoder_3.to("cpu")
+            free_memory()
         try:
             t0 = time.perf_counter()
             row["changes"] = s.apply(target, device, exact=True)
@@ -143,6 +160,8 @@ def run_ladder(preset: str, pipe, cal, steps: int, log, device: str = "cuda", si
                        predicted_stages={k: v / GIB for k, v in pred.stage_peaks.items()},
                        misplaced=misplaced_modules(target))
             row["error_pct"] = 100 * (row["predicted_gib"] - row["measured_gib"]) / max(row["measured_gib"], 1e-9)
+            if diagnose and s.offload == "model":
+                row["profile"] = diagnose_offload_step(target)
         except Exception as exc:  # one rung failing must not hide the others
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         log(row)
@@ -211,10 +230,12 @@ def load_probe(log) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import psutil
     import torch
 
     from .display import quiet_libraries
     from .memory import free_memory
+    from .plan import Calibration
 
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -243,18 +264,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row, default=str), flush=True)
 
     t0 = time.perf_counter()
-    pipes = {p: build_pipeline(p) for p in args.presets}
-    print(f"built {list(pipes)} in {time.perf_counter() - t0:.1f} s", flush=True)
-    cal = calibrate(pipes, versions, device_name, command)
-    results["calibration"] = asdict(cal)
-    log({"calibration": asdict(cal)})
     results["ladder"], results["emulated"] = [], []
-    for preset in list(pipes):
-        pipe = pipes.pop(preset)
-        for other in pipes.values():  # only one preset on the GPU at a time
-            other.to("cpu")
-        free_memory()
-        results["ladder"] += run_ladder(preset, pipe, cal, args.steps, log)
+    shared, act_base, act_tok = None, {}, {}
+    for preset in args.presets:  # one preset at a time: host RSS then belongs to this preset alone
+        pipe = build_pipeline(preset)
+        print(f"built {preset} in {time.perf_counter() - t0:.1f} s", flush=True)
+        shared = shared or calibrate_shared(pipe)
+        act_base[preset], act_tok[preset] = calibrate_transformer(pipe.transformer)
+        cal = Calibration(device=device_name, date=results["date"], versions=versions, command=command,
+                          transformer_act_base=dict(act_base), transformer_act_per_token=dict(act_tok),
+                          host_baseline=float(psutil.Process().memory_info().rss), **shared)
+        results["calibration"] = asdict(cal)
+        log({"calibration": asdict(cal)})
+        results["ladder"] += run_ladder(preset, pipe, cal, args.steps, log, diagnose=preset == args.presets[0])
         results["emulated"].append(run_emulated(preset, pipe, {"large": 12, "medium": 8}[preset], cal, log))
         del pipe
         free_memory()

@@ -199,16 +199,20 @@ def predict(preset: str, strategy: str | Strategy, height: int = 1024, width: in
     tiled = s.vae_tiling and max(height, width) > VAE_TILE_PX
     pixels = min(height, VAE_TILE_PX) * min(width, VAE_TILE_PX) if tiled else height * width * batch
     act["vae"] = cal.vae_decode_base + cal.vae_decode_per_pixel * pixels + (3 * 4 * height * width * batch if tiled else 0)
-    resident = {  # weights on the GPU while component k runs
-        "none": lambda k: sum(w.values()),
-        "model": lambda k: w[k],
-        "group": lambda k: _bytes_per_element(w, arch, k) * (arch[k].elements - arch[k].block_elements
-                                                             + 2 * arch[k].max_block),
-        "sequential": lambda k: 2 * arch[k].max_leaf,
-    }[s.offload]
-    stages = {k: int(resident(k) + act[k]) for k in arch}
+    if s.offload == "sequential":  # one layer (or the pos-embed table) at a time, never with the full activations
+        stages = {k: int(max(2 * arch[k].max_leaf, act[k])) for k in arch}
+    else:
+        resident = {  # weights on the GPU while component k runs
+            "none": lambda k: sum(w.values()),
+            # the negative prompt is encoded after the positive one: CLIP is on the GPU again while T5
+            # still is (accelerate offloads a component only when the *next* one in the chain starts)
+            "model": lambda k: w[k] + (w["t5"] if cfg == 2 and k in ("clip_l", "clip_g") and "t5" in w else 0),
+            "group": lambda k: _bytes_per_element(w, arch, k) * (arch[k].elements - arch[k].block_elements
+                                                                 + 2 * arch[k].max_block),
+        }[s.offload]
+        stages = {k: int(resident(k) + act[k]) for k in arch}
     peak = max(stages.values())
-    stage_peaks = {"weights": int(resident("transformer")) if s.offload != "none" else int(sum(w.values())), **stages}
+    stage_peaks = {"weights": int(sum(w.values())), **stages}  # all weights, wherever they rest
     offloaded = 0 if s.offload == "none" else sum(w.values()) * (2 if s.offload == "group" else 1)
     speed, seconds = _speed(preset, s, cal)
     return Prediction(preset, s.name, s.description, height, width, batch, peak, stage_peaks,

@@ -26,10 +26,8 @@ Design rules:
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from html import escape
@@ -63,25 +61,11 @@ _CSS = "sd35fp8-"  # prefix of the CSS classes the browser test finds the widget
 
 # --- what this machine offers ---------------------------------------------------------------------
 
-def _fp8_module():
-    """``sd35fp8_helpers.fp8`` when it exists (it brings ``quantize_``/``FP8Config``), else None."""
-    try:
-        from . import fp8
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.fp8":
-            raise
-        return None
-    return fp8
-
-
 def available_precisions(device: str) -> list[str]:
-    """bf16 and FP8 storage everywhere; FP8 compute where float8 matmuls run (CUDA capability >= 8.9).
+    """bf16 and FP8 storage everywhere; FP8 compute where float8 matmuls run (CUDA capability >= 8.9)."""
+    from .fp8 import fp8_compute_support
 
-    FP8 compute comes from ``sd35fp8_helpers.fp8`` (its ``fp8_compute_support`` decides); without that
-    module only storage is offered, through diffusers' layerwise casting.
-    """
-    fp8 = _fp8_module()
-    compute = device == "cuda" and fp8 is not None and fp8.fp8_compute_support(device)[0]
+    compute = device == "cuda" and fp8_compute_support(device)[0]
     return ["bf16", "fp8-storage"] + (["fp8-compute"] if compute else [])
 
 
@@ -120,32 +104,11 @@ class PeakMemory:
         return f"{human_bytes(self.bytes)} ({self.kind})"
 
 
-def _reset_peak(device: str) -> str:
-    """Start a peak measurement; returns what will be measured."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return "CUDA max_memory_allocated"
-    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
-        Path("/proc/self/clear_refs").write_text("5")
-        return "process peak RSS"
-    except OSError:
-        return "process peak RSS since start"
-
-
-def _read_peak(device: str, kind: str) -> PeakMemory:
-    import torch
-
-    if device == "cuda":
-        return PeakMemory(torch.cuda.max_memory_allocated(), kind)
-    if kind == "process peak RSS":
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
-        return PeakMemory(int(line.split()[1]) * 1024, kind)
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return PeakMemory(peak if sys.platform == "darwin" else peak * 1024, kind)
+def _peak(report) -> PeakMemory:
+    """The peak that matters from a ``memory.measure`` report: GPU allocations on CUDA, else the process RSS."""
+    if report.gpu_peak_allocated is not None:
+        return PeakMemory(report.gpu_peak_allocated, "CUDA max_memory_allocated")
+    return PeakMemory(report.host_peak_rss, "process peak RSS")
 
 
 def psnr(a, b) -> float:
@@ -278,7 +241,8 @@ class Playground:
                                  value="none", description="memory")
         self.compare = w.Checkbox(value=False, description="compare BF16 with FP8 (same seed)", indent=False)
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="paint-brush")
-        self.upload = w.FileUpload(accept=".png", multiple=False, description="load settings from PNG")
+        self.upload = w.FileUpload(accept=".png", multiple=False, description="load settings from PNG",
+                                   layout=w.Layout(width="16em"))
         self.progress = w.IntProgress(value=0, min=0, max=self.steps.value, description="steps")
         self.progress_text = w.Label(value="")
         self.message = w.HTML(value="")
@@ -426,11 +390,17 @@ class Playground:
                     "sd35fp8_helpers.load_pipeline(model), which remembers where its weights are")
             from .models import load_pipeline
 
-            pipe = load_pipeline(str(source.path), device=self.device, dtype=self.pipe.transformer.dtype)
+            # With offload, load (and quantise for storage) on the CPU: the whole model may not fit on the GPU.
+            # FP8 compute is the exception: its float8 layers are built where they will run.
+            on_gpu = not offload or precision == "fp8-compute"
+            pipe = load_pipeline(str(source.path), device=self.device if on_gpu else "cpu",
+                                 dtype=self.pipe.transformer.dtype)
             pipe.sd35fp8_source = source
             if precision != "bf16":
-                _to_fp8(pipe, precision)
-            if offload:  # after quantising on the GPU (compute mode needs it there); offload moves it to CPU
+                from .fp8 import FP8Config, quantize_
+
+                quantize_(pipe, FP8Config(mode=precision.removeprefix("fp8-")))
+            if offload:  # components wait in CPU memory and visit the GPU one at a time
                 pipe.enable_model_cpu_offload(device=self.device)
             self._pipes[key] = pipe
         return self._pipes[key]
@@ -451,12 +421,14 @@ class Playground:
 
         tiling = pipe.vae.use_tiling
         pipe.vae.use_tiling = memory == "vae-tiling"
-        kind = _reset_peak(self.device)
+        from .memory import measure
+
         try:
-            result = generate(pipe, settings, on_step=on_step, progress=False, precision=precision)
+            with measure(self.device) as report:
+                result = generate(pipe, settings, on_step=on_step, progress=False, precision=precision)
         finally:
             pipe.vae.use_tiling = tiling
-        peak = _read_peak(self.device, kind)
+        peak = _peak(report)
         self.progress.bar_style = "success" if self.progress.value == self.progress.max else ""
         result.extra.update(memory=memory, compute_dtype=str(self.pipe.transformer.dtype).replace("torch.", ""),
                             peak_memory={"bytes": peak.bytes, "kind": peak.kind})
@@ -488,33 +460,17 @@ class Playground:
             img.value, img.width = _png_bytes(pic), self._display_width(pic)
             cap.value = f"<center>{escape(text)}</center>"
         self._show_compare(True)
-        self.info.value = (f"<span class='{_CSS}meta'>PSNR {db:.1f} dB ({'identical' if math.isinf(db) else 'higher is closer'})"
-                           f"<br>{escape(bf16.describe())}<br>{escape(fp8.describe())}</span>")
+        verdict = "identical" if math.isinf(db) else "higher is closer"
+        self.info.value = (f"<span class='{_CSS}meta'>PSNR {db:.1f} dB ({verdict})<br>{escape(bf16.describe())}"
+                           f"<br>{escape(fp8.describe())}</span>")
 
     def _add_thumbnail(self, index: int) -> None:
         import ipywidgets as w
 
         entry = self.history[index]
         button = w.Button(description=f"#{index + 1} seed {entry.result.settings.seed}",
-                          tooltip=f"restore: {entry.result.settings.prompt[:80]}", layout=w.Layout(width=f"{THUMBNAIL_PX + 24}px"))
+                          tooltip=f"restore: {entry.result.settings.prompt[:80]}",
+                          layout=w.Layout(width=f"{THUMBNAIL_PX + 24}px"))
         button.on_click(lambda _b: self.restore(index))
         thumb = w.Image(value=_png_bytes(entry.result.image, THUMBNAIL_PX), format="png")
         self.gallery.children = (w.VBox([thumb, button]), *self.gallery.children)[:HISTORY_LIMIT]
-
-
-def _to_fp8(pipe, precision: str) -> None:
-    """Convert a pipeline's transformer to FP8 with ``sd35fp8_helpers.fp8`` when present.
-
-    Without it, FP8 storage falls back to diffusers' layerwise casting (weights stored in float8_e4m3fn,
-    each layer upcast to the pipeline's dtype just before it runs); FP8 compute is only offered with it.
-    """
-    fp8 = _fp8_module()
-    mode = precision.removeprefix("fp8-")
-    if fp8 is not None:
-        fp8.quantize_(pipe, fp8.FP8Config(mode=mode))
-        return
-    if mode != "storage":
-        raise UnsupportedEnvironment(f"FP8 {mode} needs sd35fp8_helpers.fp8", fix="use FP8 storage")
-    import torch
-
-    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=pipe.transformer.dtype)

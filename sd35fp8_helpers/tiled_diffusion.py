@@ -220,7 +220,6 @@ def upscale_refine(pipe, image: Any, settings: GenerationSettings, *, strength: 
         raise InvalidTilingInput("steps", settings.steps, f"× strength {strength} rounds to 0 refinement steps",
                                  fix=f"use steps >= {math.ceil(1 / strength)}")
     img2img = StableDiffusion3Img2ImgPipeline(**pipe.components)  # same modules: no second copy of weights
-    img2img.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     plan = plan_windows(pipe, settings.height, settings.width, config)
     device = pipe._execution_device
     if conditioning is None:
@@ -236,8 +235,8 @@ def upscale_refine(pipe, image: Any, settings: GenerationSettings, *, strength: 
     latents = encode_tiled(vae, pixels, config.vae).sample(generator)
     latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).to(cond.embeds.dtype)
     # the img2img schedule: skip the first (1 - strength) of the steps, noise the latents to where it starts
-    _timesteps(pipe, settings.steps, plan, device)
-    timesteps, _ = img2img.get_timesteps(settings.steps, strength, device)
+    _timesteps(pipe, settings.steps, plan, device)  # sets the full schedule on the shared scheduler …
+    timesteps, _ = img2img.get_timesteps(settings.steps, strength, device)  # … img2img keeps its tail
     noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     latents = pipe.scheduler.scale_noise(latents, timesteps[:1], noise)
     latents = _denoise(pipe, latents, timesteps, cond, plan, config, on_step, progress)

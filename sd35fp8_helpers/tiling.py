@@ -308,7 +308,7 @@ def _feather(tile: Tile, factor: int, device) -> Any:
 # --- layer-synchronous execution ---------------------------------------------------------------------------
 
 Stats = tuple[int, Any, Any]
-"""(count, mean, M2) per (batch, group), float64 on CPU: what a tile reports at a GroupNorm barrier."""
+"""(count, mean, M2) per (batch, group), float64 on the device: what a tile reports at a GroupNorm barrier."""
 
 
 @dataclass
@@ -326,23 +326,28 @@ class _TileRun:
         s = self.scale
         return x[:, :, (cy0 - ry0) * s:(cy1 - ry0) * s, (cx0 - rx0) * s:(cx1 - rx0) * s]
 
-    def group_norm(self, gn, x, carry=None) -> Generator[Stats, Any, tuple[Any, Any]]:
-        """Normalise ``x`` with whole-image statistics: report this tile's, wait, apply everyone's.
+    def group_norm(self, gn, box: list) -> Generator[Stats, Any, list]:
+        """Normalise ``box[0]`` with whole-image statistics: report this tile's, wait, apply everyone's.
 
-        ``carry`` (e.g. a resnet's residual) is parked and restored alongside ``x``.
+        ``box`` holds the only references to the tile's live tensors (``[x]`` or ``[x, residual]``); it is
+        emptied while the tile waits, so parking really frees GPU memory. Returns the list, normalised.
         """
         if not self.sync:
-            return gn(x), carry
-        stats = _partial_stats(self.core_view(x), gn.num_groups)
-        device, same = x.device, carry is x
+            return [gn(box[0]), *box[1:]]
+        stats = _partial_stats(self.core_view(box[0]), gn.num_groups)
+        same = len(box) > 1 and box[1] is box[0]
+        tensors = box[:1] if same else list(box)
+        box.clear()
         if self.offload:
-            x = _park(x)
-            carry = x if same else (None if carry is None else _park(carry))
-        mean, var = yield stats
-        if self.offload:
-            x = x.to(device, non_blocking=True)
-            carry = x if same else (None if carry is None else carry.to(device, non_blocking=True))
-        return _apply_group_norm(x, gn, mean, var), carry
+            device = tensors[0].device
+            tensors = [_park(t) for t in tensors]
+            mean, var = yield stats
+            tensors = [t.to(device, non_blocking=True) for t in tensors]
+        else:
+            mean, var = yield stats
+        if same:
+            tensors.append(tensors[0])
+        return [_apply_group_norm(tensors[0], gn, mean, var), *tensors[1:]]
 
 
 def _park(t):
@@ -372,7 +377,7 @@ def _run_tiles(plan: TilePlan, source, in_scale: int, tile_fn: Callable, config:
         y0, y1, x0, x1 = (v * in_scale for v in tile.region)
         run = _TileRun(tile, in_scale, config.sync_group_norm, offload)
         runs.append(run)
-        gens.append(tile_fn(source[:, :, y0:y1, x0:x1], run))
+        gens.append(tile_fn([source[:, :, y0:y1, x0:x1]], run))
     rounds = barriers + 1 if config.sync_group_norm else 1
     bar = tqdm(total=len(gens) * rounds, desc=f"{desc}: {len(gens)} tiles × {rounds} stages",
                disable=not config.progress, leave=False)
@@ -416,9 +421,8 @@ def _partial_stats(core, groups: int) -> Stats:
         var, mean = torch.var_mean(core[:, g * per:(g + 1) * per].float(), dim=(1, 2, 3), correction=0)
         means.append(mean)
         variances.append(var)
-    n = per * h * w
-    mean = torch.stack(means, 1).double().cpu()
-    return n, mean, torch.stack(variances, 1).double().cpu() * n
+    n = per * h * w  # stays on the device: no synchronisation per tile
+    return n, torch.stack(means, 1).double(), torch.stack(variances, 1).double() * n
 
 
 def _merge(reports: list[Stats]):
@@ -437,10 +441,10 @@ def _apply_group_norm(x, gn, mean, var):
     scale = (var + gn.eps).rsqrt().repeat_interleave(per, 1)
     shift = -mean.repeat_interleave(per, 1) * scale
     if gn.affine:
-        w, bias = gn.weight.detach().double().cpu(), gn.bias.detach().double().cpu()
-        scale, shift = scale * w, shift * w + bias
-    scale = scale.to(x.device, torch.float32)[:, :, None, None]
-    shift = shift.to(x.device, torch.float32)[:, :, None, None]
+        w = gn.weight.detach().double()
+        scale, shift = scale * w, shift * w + gn.bias.detach().double()
+    scale = scale.float()[:, :, None, None]
+    shift = shift.float()[:, :, None, None]
     if x.dtype == torch.float32:
         return torch.addcmul(shift, x, scale)
     out = torch.empty_like(x)
@@ -453,13 +457,21 @@ def _apply_group_norm(x, gn, mean, var):
 
 # --- the blocks, as generators that stop at every GroupNorm ------------------------------------------------
 
-def _resnet(block, x, run: _TileRun):
-    """diffusers' ``ResnetBlock2D.forward`` (no time embedding, no resampling), with synchronised norms."""
+def _resnet(block, box: list, run: _TileRun):
+    """diffusers' ``ResnetBlock2D.forward`` (no time embedding, no resampling), with synchronised norms.
+
+    Tensors travel in one-element lists (``box``) and local names are dropped before every barrier: a
+    suspended generator frame must not keep a GPU tensor alive while the tile is parked.
+    """
     if block.time_emb_proj is not None or block.upsample is not None or block.downsample is not None:
         raise NotImplementedError("tiling supports the VAE's plain resnets only")
-    h, x = yield from run.group_norm(block.norm1, x, carry=x)
-    h = block.conv1(block.nonlinearity(h))
-    h, x = yield from run.group_norm(block.norm2, h, carry=x)
+    x = box.pop()
+    box = [x, x]
+    del x
+    h, x = yield from run.group_norm(block.norm1, box)
+    box = [block.conv1(block.nonlinearity(h)), x]
+    del h, x
+    h, x = yield from run.group_norm(block.norm2, box)
     h = block.conv2(block.dropout(block.nonlinearity(h)))
     if block.conv_shortcut is not None:
         x = block.conv_shortcut(x)
@@ -467,26 +479,26 @@ def _resnet(block, x, run: _TileRun):
     return h.div_(block.output_scale_factor) if block.output_scale_factor != 1 else h
 
 
-def _decode_tile(decoder, x, run: _TileRun):
+def _decode_tile(decoder, box: list, run: _TileRun):
     for block in decoder.up_blocks:
         for resnet in block.resnets:
-            x = yield from _resnet(resnet, x, run)
+            box = [(yield from _resnet(resnet, box, run))]
         for upsampler in block.upsamplers or []:
-            x = upsampler(x)
+            box = [upsampler(box.pop())]
             run.scale *= 2
-    x, _ = yield from run.group_norm(decoder.conv_norm_out, x)
+    x, = yield from run.group_norm(decoder.conv_norm_out, box)
     return decoder.conv_out(decoder.conv_act(x))
 
 
-def _encode_tile(encoder, x, run: _TileRun):
-    x = encoder.conv_in(x)
+def _encode_tile(encoder, box: list, run: _TileRun):
+    box = [encoder.conv_in(box.pop())]
     for block in encoder.down_blocks:
         for resnet in block.resnets:
-            x = yield from _resnet(resnet, x, run)
+            box = [(yield from _resnet(resnet, box, run))]
         for downsampler in block.downsamplers or []:
-            x = downsampler(x)
+            box = [downsampler(box.pop())]
             run.scale //= 2
-    return x
+    return box.pop()
 
 
 def _mid_block(mid, x, memory: int):

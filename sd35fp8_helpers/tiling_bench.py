@@ -260,3 +260,140 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- notebook 04: comparisons and plots (CPU-friendly) -----------------------------------------------------
+
+BENCH_JSON = "docs/benchmarks/tiling.json"
+"""The committed GPU measurements (written by ``main --json``), relative to the repository root."""
+
+
+def compare_decoders(vae, latents, tile_px: int = 128) -> tuple[list[dict], dict[str, Any]]:
+    """Decode the same latents untiled, with diffusers' tiling, ours and naive tiles at ``tile_px``.
+
+    Returns table rows (error vs untiled, seam ratio at the tile borders, seconds) and the images.
+    """
+    import torch
+
+    from .seams import seam_ratio
+
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    h, w = latents.shape[-2] * factor, latents.shape[-1] * factor
+    ours = TileConfig(tile_px=tile_px, overlap_px=16, pad_px=24, progress=False)
+    naive = TileConfig(tile_px=tile_px, overlap_px=0, pad_px=0, sync_group_norm=False, progress=False)
+    stride = tile_px - tile_px // 4  # diffusers: 25 % overlap
+    diffusers_borders = ([y + tile_px // 8 for y in range(stride, h, stride)],
+                         [x + tile_px // 8 for x in range(stride, w, stride)])  # middle of each blend band
+
+    def diffusers_tiled():
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = tile_px, tile_px // factor
+        try:
+            with torch.no_grad():
+                return vae.decode(latents).sample
+        finally:
+            vae.disable_tiling()
+
+    def untiled():
+        with torch.no_grad():
+            return vae.decode(latents).sample
+
+    variants = [("untiled", untiled, plan_tiles(vae, h, w, ours).borders_px),
+                (f"diffusers enable_tiling ({tile_px} px)", diffusers_tiled, diffusers_borders),
+                (f"ours ({tile_px} px, whole-image GroupNorm)", lambda: decode_tiled(vae, latents, ours),
+                 plan_tiles(vae, h, w, ours).borders_px),
+                (f"naive ({tile_px} px, no overlap)", lambda: decode_tiled(vae, latents, naive),
+                 plan_tiles(vae, h, w, naive).borders_px)]
+    rows, images, ref = [], {}, None
+    for name, fn, (b_rows, b_cols) in variants:
+        start = time.perf_counter()
+        out = fn().float()
+        seconds = time.perf_counter() - start
+        ref = out if ref is None else ref
+        rows.append({"variant": name, "rel. error vs untiled": f"{_rel_error(out, ref):.2e}",
+                     "seam ratio": f"{seam_ratio(out, b_rows, b_cols).ratio:.3f}", "seconds": f"{seconds:.2f}"})
+        images[name] = out
+    return rows, images
+
+
+def to_pil(image):
+    """A (1, 3, H, W) tensor in [-1, 1] as a PIL image."""
+    from PIL import Image
+
+    a = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a)
+
+
+def difference_strip(images: dict[str, Any], reference: str = "untiled", gain: float = 10.0):
+    """Each image's |difference| to the reference (× ``gain``), side by side with titles (a matplotlib figure)."""
+    import matplotlib.pyplot as plt
+
+    ref = images[reference]
+    others = [k for k in images if k != reference]
+    fig, axes = plt.subplots(1, len(others), figsize=(4 * len(others), 3.2))
+    for ax, name in zip(axes, others):
+        diff = ((images[name] - ref).abs()[0].mean(0) * gain).clamp(0, 1).cpu().numpy()
+        ax.imshow(diff, cmap="magma", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"|tiled − untiled| × {gain:g} (black = identical)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def memory_vs_resolution(json_path: str | None = None) -> tuple[list[dict], str]:
+    """Peak decode memory per resolution: measured on the GPU (committed JSON) when present, else analytic.
+
+    Returns (rows, source label). Analytic rows use :func:`~sd35fp8_helpers.tiling.activation_bytes_per_px`
+    of the real SD3 VAE config in bf16 × the allocator overhead (untiled), and one tile plus the mid block on
+    the whole latent (ours) — an estimate, labelled as such.
+    """
+    from pathlib import Path
+
+    path = Path(json_path) if json_path else Path(__file__).resolve().parent.parent / BENCH_JSON
+    if path.is_file():
+        data = json.loads(path.read_text())
+        env = data["environment"]
+        rows = [{"size": r["size"], "variant": r["variant"], "peak GiB": r["peak_gib"]}
+                for r in data["vae"] if "peak_gib" in r]
+        return rows, f"measured: {env.get('gpu', env['device'])}, torch {env['torch']}, {env['date']}"
+    return _analytic_memory_rows(), "analytic estimate (no GPU measurements committed yet)"
+
+
+def _analytic_memory_rows() -> list[dict]:
+    import torch
+    from diffusers import AutoencoderKL
+
+    from .tiling import ALLOCATOR_OVERHEAD, activation_bytes_per_px
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**get_preset("large").component_configs()["vae"])
+    per_px = activation_bytes_per_px(vae, "decode", torch.bfloat16) * ALLOCATOR_OVERHEAD
+    weights = sum(p.numel() for p in vae.parameters()) * 2
+    tile = TileConfig()
+    rows = []
+    for size in (512, 1024, 2048, 4096, 8192):
+        plan = plan_tiles(vae, size, size, tile)
+        mid = 4 * 512 * (size // 8) ** 2 * 2  # x, normed, K, V of the mid-block attention on the whole latent
+        rows.append({"size": size, "variant": "untiled", "peak GiB": round((weights + per_px * size**2) / 2**30, 2)})
+        rows.append({"size": size, "variant": "ours (1 GiB tiles)",
+                     "peak GiB": round((weights + per_px * plan.tile_px**2 + mid + 3 * 4 * size**2) / 2**30, 2)})
+    return rows
+
+
+def plot_memory(rows: list[dict], source: str):
+    """Peak GiB vs image side, one line per variant, log-log (memory ∝ area is a slope of 2)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        pts = sorted((r["size"], r["peak GiB"]) for r in rows if r["variant"] == variant)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("image side (px)")
+    ax.set_ylabel("peak GiB (decode)")
+    ax.set_title(f"SD3 VAE decode memory — {source}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

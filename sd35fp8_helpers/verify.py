@@ -257,8 +257,11 @@ def _git_top(folder: Path) -> Path | None:
 
 
 def _pointer_fix(root: Path, rel: str, git_top: Path | None) -> str:
-    if git_top is not None:
-        inside = (root / rel).absolute().relative_to(git_top).as_posix()
+    try:
+        inside = (root / rel).resolve().relative_to(git_top.resolve()).as_posix() if git_top else None
+    except ValueError:  # the folder is not inside that checkout after all
+        inside = None
+    if inside:
         return f'cd {git_top} && git lfs pull --include "{inside}"'
     return (f"this folder was copied without its LFS contents: download {rel} again "
             f"(sd35fp8 download REPO_ID --include '{rel}'), or re-clone with git-lfs installed")
@@ -328,34 +331,36 @@ def verify_model(path: str | os.PathLike, config: VerifyConfig | None = None) ->
     """
     config = config or VerifyConfig()
     root = Path(path).absolute()
+    single = root.is_file()  # one checkpoint file: check it alone, with hashes known for its folder
+    base = root.parent if single else root
     index_path = root / "model_index.json"
     report = VerifyReport(root, "diffusers" if index_path.is_file() else "files")
-    if not root.is_dir():
-        report.problems.append(Problem(str(root), "missing", "folder does not exist",
+    if not root.exists():
+        report.problems.append(Problem(str(root), "missing", "does not exist",
                                        "check the path, or download the model: sd35fp8 download REPO_ID"))
         return report
-    files = _files(root)
-    expected = _expected_hashes(root, config, report)
+    files = [root] if single else _files(root)
+    expected = _expected_hashes(base, config)
     git_top: Path | None = None
     looked_for_git = False
     pointers: set[str] = set()
     for file in files:
-        rel = file.relative_to(root).as_posix()
+        rel = file.relative_to(base).as_posix()
         pointer = read_pointer(file)
         if pointer:
             pointers.add(rel)
             if not looked_for_git:
-                git_top, looked_for_git = _git_top(root), True
+                git_top, looked_for_git = _git_top(base), True
             report.files.append(FileCheck(rel, "pointer", file.stat().st_size))
             report.problems.append(Problem(rel, "pointer", f"Git LFS pointer ({file.stat().st_size} bytes), not the "
                                            f"weights (real size {human_bytes(pointer.size)})",
-                                           _pointer_fix(root, rel, git_top)))
+                                           _pointer_fix(base, rel, git_top)))
         elif rel.endswith(".safetensors"):
             _check_safetensors(file, rel, expected.get(rel), config, report)
         elif rel.endswith(PICKLE_SUFFIXES):
             report.files.append(FileCheck(rel, "pickle", file.stat().st_size))
             report.notes.append(f"{rel}: pickle weights, never loaded (sd35fp8 loads safetensors only)")
-    for rel in sorted(set(expected) - {f.relative_to(root).as_posix() for f in files}):
+    for rel in sorted(set() if single else set(expected) - {f.relative_to(root).as_posix() for f in files}):
         report.problems.append(Problem(rel, "missing", "listed with a sha256 but missing",
                                        "download it again (sd35fp8 download REPO_ID, or git lfs pull)"))
     if report.layout == "diffusers":
@@ -366,17 +371,17 @@ def verify_model(path: str | os.PathLike, config: VerifyConfig | None = None) ->
                                            "download model_index.json again"))
         else:
             _check_components(root, index, report, pointers)
-    elif not report.files:
+    elif not report.files and not single:
         report.problems.append(Problem("model_index.json", "missing", "no model_index.json and no weight files: "
                                        "not a model folder", "point at the folder that holds model_index.json, "
                                        "or download one: sd35fp8 download REPO_ID"))
-    else:
+    elif not single:
         report.notes.append("no model_index.json: checked the weight files only (single-file checkpoints, "
                             "not a diffusers pipeline folder)")
     return report
 
 
-def _expected_hashes(root: Path, config: VerifyConfig, report: VerifyReport) -> dict[str, str]:
+def _expected_hashes(root: Path, config: VerifyConfig) -> dict[str, str]:
     if not config.check_hashes:
         return {}
     expected: dict[str, str] = {}

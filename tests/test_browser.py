@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -32,7 +33,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 """Without the networking flags Chromium tries to reach Google at every start (refused here, and slow)."""
 NOTEBOOK = "05_prompt_playground.ipynb"
-ANNOUNCEMENTS = "@jupyterlab/apputils-extension:announcements"
+LAB_SETTINGS = {"@jupyterlab/notebook-extension/tracker": {"autoStartDefaultKernel": True},  # no kernel dialog
+                "@jupyterlab/apputils-extension/notification": {"fetchNews": "false"}}  # no news pop-up
 TOTAL_SECONDS = 150  # the whole test normally needs well under a minute; this bounds it on a slow machine
 PROMPT, SEED = "a paper lantern floating on a dark lake", 1234
 
@@ -62,11 +64,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_jupyterlab(root: Path, work: Path, deadline: Deadline) -> tuple[subprocess.Popen, str]:
+def _start_jupyterlab(root: Path, work: Path, deadline: Deadline) -> tuple[subprocess.Popen, str, str]:
     port, token = _free_port(), secrets.token_hex(16)
-    labconfig = work / "config" / "labconfig"
-    labconfig.mkdir(parents=True)  # no "notified about Jupyter news?" pop-up over the screenshot
-    (labconfig / "page_config.json").write_text(json.dumps({"disabledExtensions": {ANNOUNCEMENTS: True}}))
+    for name, values in LAB_SETTINGS.items():
+        path = work / "config" / "lab" / "user-settings" / f"{name}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(work / "config"), "JUPYTER_RUNTIME_DIR": str(work / "runtime"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     # SD35FP8_HOME / SD35FP8_OUTPUT_DIR come from conftest: the kernel uses the test session's folders.
@@ -74,18 +77,36 @@ def _start_jupyterlab(root: Path, work: Path, deadline: Deadline) -> tuple[subpr
            "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
            "--ServerApp.terminals_enabled=False", "--allow-root"]  # CI containers run as root
-    server = subprocess.Popen(cmd, env=env, cwd=root, stdout=open(work / "jupyterlab.log", "wb"),
-                              stderr=subprocess.STDOUT)
+    with open(work / "jupyterlab.log", "wb") as log:
+        server = subprocess.Popen(cmd, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2):
+                    return server, url, token
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError(f"JupyterLab exited: {(work / 'jupyterlab.log').read_text()[-2000:]}")
+                deadline.ms()
+                time.sleep(0.3)
+    except BaseException:
+        _stop(server)
+        raise
+
+
+def _wait_for_kernel(url: str, token: str, deadline: Deadline) -> None:
+    """Until the notebook's kernel is idle with the browser connected: "Run All" before that can be lost."""
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2):
-                return server, f"{url}/lab/tree/{NOTEBOOK}?token={token}"
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited: {(work / 'jupyterlab.log').read_text()[-2000:]}")
-            deadline.ms()
-            time.sleep(0.3)
+            with urllib.request.urlopen(f"{url}/api/kernels?token={token}", timeout=5) as response:
+                kernels = json.load(response)
+        except urllib.error.HTTPError:  # jupyter_server answers 500 while a kernel is half-started
+            kernels = []
+        if any(k["execution_state"] == "idle" and k["connections"] > 0 for k in kernels):
+            return
+        deadline.ms()
+        time.sleep(0.3)
 
 
 def _stop(server: subprocess.Popen) -> list[psutil.Process]:
@@ -121,12 +142,13 @@ def test_playground_in_jupyterlab_and_chromium(tmp_path):
     from playwright.sync_api import sync_playwright
 
     deadline = Deadline(TOTAL_SECONDS)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     root = tmp_path / "notebooks"
     root.mkdir()
     shutil.copy(REPO / "notebooks" / NOTEBOOK, root / NOTEBOOK)
     shots = Path(os.environ["SD35FP8_OUTPUT_DIR"]) / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
-    server, url = _start_jupyterlab(root, tmp_path, deadline)
+    server, url, token = _start_jupyterlab(root, tmp_path, deadline)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch_persistent_context(
@@ -135,7 +157,9 @@ def test_playground_in_jupyterlab_and_chromium(tmp_path):
             try:
                 page = browser.pages[0] if browser.pages else browser.new_page()
                 try:
-                    _drive(page, url, deadline)
+                    page.goto(f"{url}/lab/tree/{NOTEBOOK}?token={token}", timeout=deadline.ms())
+                    _wait_for_kernel(url, token, deadline)
+                    _drive(page, deadline)
                 finally:
                     page.screenshot(path=str(shots / "playground.png"))
             finally:
@@ -147,11 +171,12 @@ def test_playground_in_jupyterlab_and_chromium(tmp_path):
             local.mkdir(parents=True, exist_ok=True)
             shutil.copy(shots / "playground.png", local / "playground.png")
     assert not survivors, f"processes left running: {survivors}"
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not started, f"the browser or the Playwright driver is still running: {started}"
     assert (shots / "playground.png").stat().st_size > 10_000
 
 
-def _drive(page, url: str, deadline: Deadline) -> None:
-    page.goto(url, timeout=deadline.ms())
+def _drive(page, deadline: Deadline) -> None:
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=deadline.ms())
 
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()

@@ -141,13 +141,10 @@ def test_nonexistent_fp8_repo_is_named_without_network():
     assert "sd3.5_large_fp8_scaled.safetensors (13.9 GiB)" in rows["Comfy-Org/stable-diffusion-3.5-fp8"]["what"]
 
 
-def test_download_to_local_dir_is_verified(hub, tmp_path, cli):
+def test_download_to_local_dir_is_verified(hub, tmp_path):
     dest = tmp_path / "tiny"
-    result = cli("download", "test/tiny", "--local-dir", str(dest), env=_env(hub.url, tmp_path))
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith(f"plan: test/tiny@{COMMIT[:10]}: 19 files, ")
-    assert lines[-1].endswith(f"OK: {dest} is loadable (5 weight files, 356 tensors, 5 sha256 verified)")
+    out = _drive([{"repo": "test/tiny", "download": True, "local_dir": str(dest)}], _env(hub.url, tmp_path))
+    assert out[0]["ok"].endswith(f"OK: {dest} is loadable (5 weight files, 356 tensors, 5 sha256 verified)")
     files = hub.repos["test/tiny"]
     assert all((dest / p).read_bytes() == data for p, data in files.items())
     manifest = (dest / "sha256sums.txt").read_text().splitlines()
@@ -189,6 +186,7 @@ def test_failed_cache_download_leaves_no_partial_file_in_the_snapshot(hub, tmp_p
     assert all((snapshot / p).read_bytes() == files[p] for p in present)
 
 
+@pytest.mark.slow  # four CLI runs and notebooks 00 + 01
 def test_token_never_appears_in_output_logs_or_notebooks(hub, tmp_path, cli):
     env = _env(hub.url, tmp_path, FAKE_TOKEN)
     model = tmp_path / "tiny"
@@ -197,6 +195,8 @@ def test_token_never_appears_in_output_logs_or_notebooks(hub, tmp_path, cli):
             cli("verify", str(model), env=env),
             cli("download", "test/gated", env=env)]
     assert [r.returncode for r in runs[1:]] == [0, 0, 1]
+    assert runs[1].stdout.startswith(f"plan: test/tiny@{COMMIT[:10]}: 19 files, ")
+    assert runs[1].stdout.strip().endswith(f"OK: {model} is loadable (5 weight files, 356 tensors, 5 sha256 verified)")
     assert any(had_token for _, _, had_token in hub.requests)  # the token was really sent to the server
     out = tmp_path / "nb"
     runs.append(cli("notebooks", "--only", "00", "01", "--out", str(out),

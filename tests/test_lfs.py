@@ -131,3 +131,21 @@ def test_git_lfs_absent_names_the_install_command(tmp_path, monkeypatch):
 ])
 def test_install_command_per_system(system, os_release, command):
     assert lfs.install_command(system, os_release) == command
+
+
+def test_ls_files_without_json_support(origin, tmp_path, monkeypatch):
+    """git-lfs before 3.2 has no ``ls-files --json``: the ``--long`` fallback gives the same answer."""
+    clone = lfs.clone(origin.as_uri(), tmp_path / "clone")
+    lfs.pull(clone, include=["vae/*"])
+    expected = lfs.ls_files(clone)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "git-lfs").write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "--json" ] && '
+                                  '{ echo "Error: unknown flag: --json" >&2; exit 2; }; done\n'
+                                  f'exec {shutil.which("git-lfs")} "$@"\n')
+    (shim / "git-lfs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(GitCommandFailed, match="unknown flag: --json"):
+        lfs._git(["lfs", "ls-files", "--json"], cwd=clone)
+    assert lfs.ls_files(clone) == expected
+    assert [f.checked_out for f in expected] == [False, False, False, False, True]

@@ -10,7 +10,7 @@ import torch
 from sd35fp8_helpers import GenerationSettings, load_pipeline
 from sd35fp8_helpers.errors import InvalidPlanInput, OutOfMemoryAfterFallback
 from sd35fp8_helpers.memory import (
-    STRATEGIES, emulated_card, generate_by_stage, generate_with_fallback, get_strategy, ladder_for, measure,
+    STRATEGIES, emulated_card, generate_by_stage, generate_with_fallback, get_strategy, measure,
     misplaced_modules, weight_bytes,
 )
 from sd35fp8_helpers.plan import ARCHITECTURE, GIB, count_architecture, plan, predict
@@ -24,7 +24,7 @@ def pipe(tiny_model_dir):
     return load_pipeline(str(tiny_model_dir), device="cpu")
 
 
-@pytest.mark.parametrize("strategy", [s for s in ladder_for("cpu")], ids=lambda s: s.name)
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.name)
 def test_strategy_applies_and_pipeline_still_generates(pipe, strategy):
     before = sum(weight_bytes(pipe).values())
     changes = strategy.apply(pipe, "cpu")
@@ -39,11 +39,6 @@ def test_strategy_applies_and_pipeline_still_generates(pipe, strategy):
     assert pipe.vae.use_tiling == strategy.vae_tiling
     if strategy.offload != "none":
         assert any("offload" in c for c in changes)
-
-
-def test_sequential_offload_is_accelerator_only():
-    assert "fp8_sequential_offload_tiled" not in [s.name for s in ladder_for("cpu")]
-    assert [s.name for s in ladder_for("cuda")] == [s.name for s in STRATEGIES]
 
 
 def test_merge_only_gets_leaner_and_exact_refuses_to_undo_fp8(pipe):

@@ -199,3 +199,11 @@ def test_load_pipeline_verifies_first(model):
 
 def test_invalid_safetensors_is_a_value_error():
     assert issubclass(InvalidSafetensors, ValueError)
+
+
+def test_single_file_and_missing_path(model, tmp_path):
+    report = verify_model(model / VAE)  # one checkpoint file, checked alone
+    assert report.ok and report.layout == "files" and [f.file for f in report.files] == [VAE.split("/")[1]]
+    assert _only_problem(tmp_path / "nowhere") == (
+        f"{tmp_path / 'nowhere'}: does not exist — fix: check the path, or download the model: "
+        "sd35fp8 download REPO_ID")

@@ -1,0 +1,155 @@
+"""FP8 storage/compute on the tiny pipeline: policies, bytes, errors, T5, and FP8 checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sd35fp8_helpers import load_pipeline
+from sd35fp8_helpers.errors import FP8ComputeUnavailable, Sd35fp8Error
+from sd35fp8_helpers.fp8 import (FP8_MANIFEST, POLICIES, FP8Config, is_fp8_storage, module_bytes, quantize_,
+                                 quantize_tensor, save_quantized)
+
+
+def _latents(pipe, seed: int = 0) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt="a red fox", num_inference_steps=2, height=128, width=128, output_type="latent",
+                generator=torch.Generator("cpu").manual_seed(seed)).images
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipe):
+    return _latents(tiny_pipe)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model_dir):
+    """(pipe, report): the tiny pipeline in FP8 storage, all-linear, T5 included (not shared outside here)."""
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu")
+    return pipe, quantize_(pipe, FP8Config(mode="auto"))
+
+
+def test_policies_select_the_intended_linears(tiny_pipe):
+    tr = tiny_pipe.transformer
+    chosen = {name: {fqn for fqn, m in tr.named_modules() if policy(m, fqn)} for name, policy in POLICIES.items()}
+    linears = {fqn for fqn, m in tr.named_modules() if type(m) is torch.nn.Linear}
+    assert len(linears) == 36
+    # all-linear: everything but the 4 time/pooled-text embedding Linears and proj_out — AdaLN included.
+    assert len(chosen["all-linear"]) == 31
+    assert {"transformer_blocks.0.norm1.linear", "transformer_blocks.1.norm1_context.linear",
+            "norm_out.linear", "context_embedder"} <= chosen["all-linear"]
+    assert not {"proj_out", "time_text_embed.timestep_embedder.linear_1"} & chosen["all-linear"]
+    # hybrid: feed-forward (6) + attention outputs (4); no q/k/v, no AdaLN.
+    assert len(chosen["hybrid"]) == 10
+    assert all(".ff" in f or "to_out" in f or "to_add_out" in f for f in chosen["hybrid"])
+    # diffusers-default: its "norm" pattern keeps the 5 AdaLN Linears in bf16, but converts time embeddings.
+    assert len(chosen["diffusers-default"]) == 30
+    assert "transformer_blocks.0.norm1.linear" not in chosen["diffusers-default"]
+    assert "time_text_embed.timestep_embedder.linear_1" in chosen["diffusers-default"]
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(Sd35fp8Error, match=r"(?s)unknown FP8 policy .all..*all-linear, hybrid, diffusers-default"):
+        FP8Config(policy="all")
+    with pytest.raises(Sd35fp8Error, match=r"(?s)mode=.fast. is not a mode.*'auto', 'storage' or 'compute'"):
+        FP8Config(mode="fast")
+
+
+def test_scales_keep_small_weights_that_a_plain_cast_loses():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.002
+    q, scale = quantize_tensor(w)
+    scaled_err = _rel(q.float() * scale, w)
+    plain = w.to(torch.float8_e4m3fn).float()
+    assert scaled_err < 0.03 and _rel(plain, w) > 0.2  # 2.6% vs 28%: below 2^-6 only subnormals are left
+    assert (plain == 0).float().mean() > 0.3  # and a third of the weights flush to zero
+    assert q.float().abs().max() == 448  # with the scale, the largest weight uses e4m3's whole range
+
+
+def test_storage_halves_linear_weight_bytes_and_reports_it(tiny_model_dir):
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    tr = pipe.transformer
+    names = [f for f, m in tr.named_modules() if POLICIES["all-linear"](m, f)]
+    before = sum(tr.get_submodule(f).weight.numel() * 2 for f in names)
+    report = quantize_(pipe, FP8Config(mode="storage", text_encoder_3=False))
+    layers = [tr.get_submodule(f) for f in names]
+    assert all(is_fp8_storage(m) and m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    assert sum(m.weight.numel() * m.weight.element_size() for m in layers) * 2 == before  # payload exactly halves
+    assert report.mode == "storage" and report.converted == 31
+    row = next(c for c in report.components if c.name == "transformer")
+    assert row.after < 0.7 * row.before  # whole transformer, incl. per-row scales and bf16 norms/embeddings
+    assert "fp8 storage" in str(report) and "<table>" in report._repr_html_()
+
+
+def test_auto_picks_storage_on_cpu_and_says_why(quantized, reference):
+    pipe, report = quantized
+    assert report.mode == "storage"
+    assert report.reason.startswith("auto chose storage: cpu has no float8 tensor cores")
+    assert 0 < _rel(_latents(pipe), reference) < 0.05  # changed (FP8 is lossy), but close
+
+
+def test_compute_refuses_on_cpu_naming_the_device(tiny_model_dir):
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu")
+    with pytest.raises(FP8ComputeUnavailable, match=r"not possible on cpu: .*capability >= 8\.9") as err:
+        quantize_(pipe, FP8Config(mode="compute"))
+    assert err.value.device == "cpu" and 'mode="storage"' in err.value.fix
+    assert not any(is_fp8_storage(m) for m in pipe.transformer.modules())  # nothing half-converted
+
+
+def test_t5_in_fp8_storage_runs_and_stays_close(quantized, tiny_pipe):
+    pipe, report = quantized
+    t5 = pipe.text_encoder_3
+    assert is_fp8_storage(t5.encoder.block[0].layer[1].DenseReluDense.wo)  # wo too: the FF is patched
+    assert t5.shared.weight.dtype == torch.float32  # embeddings stay
+    ids = pipe.tokenizer_3("a red fox in the snow", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = t5(ids).last_hidden_state
+        ref = tiny_pipe.text_encoder_3(ids).last_hidden_state
+    assert out.dtype == torch.float32 and 0 < _rel(out, ref) < 0.05
+    t5_row = next(c for c in report.components if c.name == "text_encoder_3")
+    assert t5_row.converted == 14 and t5_row.after < t5_row.before
+
+
+def test_to_dtype_keeps_fp8_bytes(tiny_model_dir):
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu")
+    quantize_(pipe, FP8Config(mode="storage", text_encoder_3=False))
+    before = module_bytes(pipe.transformer)
+    pipe.transformer.to(torch.bfloat16)
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert module_bytes(pipe.transformer) < before  # bias/norms went to bf16, FP8 stayed FP8
+
+
+def test_save_and_reload_is_bit_identical(quantized, tmp_path):
+    from safetensors import safe_open
+
+    pipe, _ = quantized
+    out = save_quantized(pipe, tmp_path / "fp8")
+    manifest = json.loads((out / FP8_MANIFEST).read_text())
+    assert manifest["policy"] == "all-linear" and len(manifest["layers"]["transformer"]) == 31
+    with safe_open(str(out / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_slice("transformer_blocks.0.attn.to_q.weight").get_dtype() == "F8_E4M3"
+        assert f.get_slice("transformer_blocks.0.attn.to_q.scale_weight").get_dtype() == "F32"
+    again = load_pipeline(str(out), device="cpu")
+    assert is_fp8_storage(again.transformer.transformer_blocks[0].attn.to_q)
+    assert again.sd35fp8_fp8.reason == "loaded from an FP8 checkpoint"
+    assert torch.equal(_latents(again), _latents(pipe))
+
+
+def test_save_refuses_an_unquantised_pipeline(tiny_pipe, tmp_path):
+    with pytest.raises(Sd35fp8Error, match=r"only a pipeline quantised in FP8 \*storage\* mode"):
+        save_quantized(tiny_pipe, tmp_path / "x")
+
+
+def test_cli_quantize_writes_a_loadable_fp8_folder(cli, tmp_path):
+    proc = cli("quantize", "tiny", str(tmp_path / "q"), "--policy", "hybrid", "--no-t5")
+    assert proc.returncode == 0, proc.stderr
+    assert "FP8 storage (policy hybrid" in proc.stdout
+    manifest = json.loads((tmp_path / "q" / FP8_MANIFEST).read_text())
+    assert manifest["policy"] == "hybrid" and set(manifest["layers"]) == {"transformer"}
+    bad = cli("quantize", "tiny", str(tmp_path / "r"), "--policy", "everything")
+    assert bad.returncode == 2 and "invalid choice: 'everything'" in bad.stderr
