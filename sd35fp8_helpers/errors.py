@@ -159,8 +159,9 @@ class GitLfsMissing(Sd35fp8Error, FileNotFoundError):
     def __init__(self, program: str, install: str) -> None:
         self.program = program
         self.install = install
-        super().__init__(f"{program} is not installed: a clone would give ~130-byte pointer files, not weights",
-                         fix=install)
+        why = "model repositories cannot be cloned" if program == "git" else \
+            "a clone would give ~130-byte pointer files, not weights"
+        super().__init__(f"{program} is not installed: {why}", fix=install)
 
 
 class GitCommandFailed(Sd35fp8Error, RuntimeError):

@@ -145,12 +145,13 @@ class DownloadPlan:
 class DownloadResult:
     repo_id: str
     path: Path
-    plan: DownloadPlan
+    plan: DownloadPlan | None  # None: the hub was unreachable and a complete cached snapshot was used
     seconds: float
     report: VerifyReport
 
     def __str__(self) -> str:
-        return f"{self.path} in {self.seconds:.1f} s; {self.report.summary()}"
+        how = f"in {self.seconds:.1f} s" if self.plan else "from the cache (hub unreachable)"
+        return f"{self.path} {how}; {self.report.summary()}"
 
 
 # --- errors: the hub's exceptions, translated ---------------------------------------------------------
@@ -335,12 +336,26 @@ def download(repo_id: str, *, include: Sequence[str] | None = None, revision: st
     from .verify import VerifyConfig, verify_model, write_manifest
 
     start = time.perf_counter()
-    plan = plan_download(repo_id, include=include, revision=revision, local_dir=local_dir, free_bytes=free_bytes)
+    try:
+        plan = plan_download(repo_id, include=include, revision=revision, local_dir=local_dir,
+                             free_bytes=free_bytes)
+    except HubOffline as offline:  # offline, but maybe downloaded before: the hub's cache answers without network
+        if local_dir:
+            raise
+        try:
+            path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=include, local_files_only=True))
+        except Exception:
+            raise offline from offline.__cause__  # not cached either: the error that names the fix
+        report = verify_model(path, VerifyConfig(check_hashes=False))
+        if not report.ok:
+            raise ModelVerificationFailed(path, report.problems) from None
+        return DownloadResult(repo_id, path, None, time.perf_counter() - start, report)
     echo(f"plan: {plan}")
     paths = [f.path for f in plan.files]
     expected = {f.path: f.sha256 for f in plan.files if f.sha256}
     target = _staging_dir(plan.destination) if local_dir else None
-    path = Path(_call(repo_id, revision, snapshot_download, repo_id, revision=plan.commit, allow_patterns=paths,
+    # The revision by name (not plan.commit), so the hub records refs/<revision> and an offline run finds it.
+    path = Path(_call(repo_id, revision, snapshot_download, repo_id, revision=plan.revision, allow_patterns=paths,
                       local_dir=target))
     report = verify_model(path, VerifyConfig(check_hashes=verify, use_git_lfs=False, expected_sha256=expected))
     if not report.ok:

@@ -208,10 +208,14 @@ def install_command(system: str | None = None, os_release: str | None = None) ->
     return "install git-lfs from https://git-lfs.com, then run: git lfs install"
 
 
+def _git_missing() -> GitLfsMissing:
+    return GitLfsMissing("git", install_command().replace("git-lfs", "git git-lfs", 1))
+
+
 def git_lfs_version() -> str:
     """``git-lfs/3.3.0 …``; raises :class:`GitLfsMissing` (with the install command) when absent."""
     if shutil.which("git") is None:
-        raise GitLfsMissing("git", install_command().replace("git-lfs", "git git-lfs", 1))
+        raise _git_missing()
     try:
         out = subprocess.run(["git", "lfs", "version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
@@ -227,7 +231,7 @@ def _git(args: Sequence[str], cwd: Path | None = None, env: dict[str, str] | Non
     try:
         out = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     except FileNotFoundError as exc:
-        raise GitLfsMissing("git", install_command().replace("git-lfs", "git git-lfs", 1)) from exc
+        raise _git_missing() from exc
     if out.returncode != 0:
         shown = ["git", *(a for a in args if a not in LFS_CONFIG)]  # the -c filter settings are noise
         raise GitCommandFailed(shown, out.returncode, out.stderr, fix=fix)

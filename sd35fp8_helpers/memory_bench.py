@@ -361,3 +361,18 @@ def plot_results(results: dict):
         ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def markdown_section(results: dict) -> str:
+    """The ``## Memory`` section of docs/benchmarks.md, from the results JSON."""
+    v = results["versions"]
+    head = [f"## Memory", "",
+            f"Device: {results['device']}; torch {v.get('torch')}, diffusers {v.get('diffusers')}, transformers "
+            f"{v.get('transformers')}, torchao {v.get('torchao', '—')}; date {results['date']}.",
+            f"Command: `{results['command']}` (results: `docs/benchmarks/memory.json`).",
+            f"Random weights at real size, 1024², CFG (guidance 4.5), FP8 = `fp8.quantize_` storage, all-linear. "
+            f"Each rung: one warm-up image, then {results['steps_measured']} measured steps; s/image is "
+            f"encode + 28 × (s/step) + decode, **extrapolated** to 28 steps. Peaks are "
+            f"`torch.cuda.max_memory_allocated` over the three stages; predictions come from "
+            f"`sd35fp8_helpers.plan.predict` with the calibration measured in the same run.", ""]
+    return "\n".join(head) + summary_table(results) + "\n"

@@ -274,6 +274,7 @@ class Plan:
 
     preset: str
     vram_gib: float
+    ram_gib: float | None
     height: int
     width: int
     batch: int
@@ -298,8 +299,9 @@ class Plan:
                  "host RAM GiB": f"{r.host_ram / GIB:.1f}", "quality": r.quality} for r in self.rows]
 
     def to_text(self) -> str:
+        ram = f", host RAM {self.ram_gib:g} GiB" if self.ram_gib else ""
         head = (f"SD3.5 {self.preset}, {self.width}x{self.height}, batch {self.batch}, card {self.vram_gib:g} GiB "
-                f"(margin {self.margin:.0%} + CUDA context)")
+                f"(margin {self.margin:.0%} + CUDA context){ram}")
         cols = ["strategy", "fits", "predicted peak GiB", "card needed GiB", "relative speed", "s/image",
                 "host RAM GiB", "quality"]
         rows = self.table_rows()
@@ -310,32 +312,42 @@ class Plan:
 
 
 def plan(vram_gib: float, preset: str = "large", height: int = 1024, width: int = 1024, batch: int = 1, *,
-         margin: float = DEFAULT_MARGIN, calibration: Calibration | None = None) -> Plan:
+         ram_gib: float | None = None, margin: float = DEFAULT_MARGIN,
+         calibration: Calibration | None = None) -> Plan:
     """Rank the strategies for a card of ``vram_gib`` GiB; recommend the fastest that fits without quality loss.
 
-    When nothing fits, :attr:`Plan.note` says what is impossible and the nearest thing that works (the
-    smallest card for this preset, or Medium on this card).
+    ``ram_gib`` (host RAM) also rules out offloading that would not fit in the computer's memory. When
+    nothing fits, :attr:`Plan.note` says what is impossible and the nearest thing that works (the smallest
+    card for this preset, or Medium on this card).
     """
-    if isinstance(vram_gib, bool) or not isinstance(vram_gib, (int, float)) or not vram_gib > 0:
-        raise InvalidPlanInput("vram", vram_gib, "must be a positive number of GiB",
-                               fix="pass your card's memory, e.g. --vram 12 (nvidia-smi shows it)")
+    for name, value in (("vram", vram_gib), ("ram", ram_gib)):
+        if value is None and name == "ram":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InvalidPlanInput(name, value, "must be a positive number of GiB",
+                                   fix=f"pass your {'card' if name == 'vram' else 'computer'}'s memory, e.g. "
+                                       f"--{name} {12 if name == 'vram' else 32} "
+                                       f"({'nvidia-smi' if name == 'vram' else 'free -g'} shows it)")
     cal = calibration or CALIBRATION
     budget = vram_gib * GIB
     rows = []
     for s in candidates():
         p = predict(preset, s, height, width, batch, margin=margin, calibration=cal)
-        rows.append(Prediction(**{**asdict(p), "fits": p.card_needed <= budget}))
+        fits = p.card_needed <= budget and (ram_gib is None or p.host_ram <= ram_gib * GIB)
+        rows.append(Prediction(**{**asdict(p), "fits": fits}))
     rows.sort(key=lambda r: (-r.relative_speed, r.gpu_peak))
     fitting = [r for r in rows if r.fits]
     lossless = [r for r in fitting if r.lossless]
     recommended = (lossless or fitting or [None])[0]
     if recommended is None:
         leanest = min(rows, key=lambda r: r.card_needed)
-        note = (f"IMPOSSIBLE: SD3.5 {preset} at {width}x{height} does not fit a {vram_gib:g} GiB card with any "
-                f"strategy. Nearest that works: a card of at least {leanest.card_needed / GIB:.1f} GiB "
-                f"({leanest.strategy}, predicted peak {leanest.gpu_peak / GIB:.2f} GiB)")
+        ram = f" and {ram_gib:g} GiB of host RAM" if ram_gib else ""
+        note = (f"IMPOSSIBLE: SD3.5 {preset} at {width}x{height} does not fit a {vram_gib:g} GiB card{ram} with "
+                f"any strategy. Nearest that works: a card of at least {leanest.card_needed / GIB:.1f} GiB "
+                f"({leanest.strategy}, predicted peak {leanest.gpu_peak / GIB:.2f} GiB, host RAM "
+                f"{leanest.host_ram / GIB:.1f} GiB)")
         if preset == "large":
-            medium = plan(vram_gib, "medium", height, width, batch, margin=margin, calibration=cal)
+            medium = plan(vram_gib, "medium", height, width, batch, ram_gib=ram_gib, margin=margin, calibration=cal)
             if medium.recommended is not None:
                 note += f", or --preset medium, which fits this card with {medium.recommended.strategy}"
         note += "."
@@ -346,7 +358,7 @@ def plan(vram_gib: float, preset: str = "large", height: int = 1024, width: int 
             note += (f" Faster but changes images: {fitting[0].strategy} ({fitting[0].quality}).")
         if not recommended.lossless:
             note += f" Only strategies that change images fit: {recommended.quality}."
-    return Plan(preset, vram_gib, height, width, batch, margin, rows, recommended, note,
+    return Plan(preset, vram_gib, ram_gib, height, width, batch, margin, rows, recommended, note,
                 f"{cal.device}, {cal.date}")
 
 
@@ -358,12 +370,13 @@ def _plan_args(p) -> None:
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ram", type=float, default=None, help="host RAM, GiB: rules out offloading that would not fit")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="safety margin on the peak (0.1 = 10%%)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _plan_cli(args) -> int:
-    result = plan(args.vram, args.preset, args.height, args.width, args.batch, margin=args.margin)
+    result = plan(args.vram, args.preset, args.height, args.width, args.batch, ram_gib=args.ram, margin=args.margin)
     print(result.to_json() if args.json else result.to_text())
     return 0 if result.recommended is not None else 1
 

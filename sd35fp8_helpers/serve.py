@@ -21,14 +21,13 @@ Endpoints: ``POST /v1/images/generations``, ``GET /healthz`` (process alive), ``
 loaded), ``GET /metrics`` (Prometheus). The Gradio demo (:mod:`~sd35fp8_helpers.demo`) renders through the
 same :class:`ImageEngine`.
 
-Example (a real server in a subprocess, as notebook 06 and the tests use it):
-    >>> from sd35fp8_helpers.serve_auth import new_api_key
-    >>> key = new_api_key()
-    >>> with serve_in_background(api_keys={"me": key}) as server:
-    ...     r = httpx.post(f"{server.url}/v1/images/generations", headers={"Authorization": f"Bearer {key}"},
-    ...                    json={"prompt": "a fox", "size": "64x64", "steps": 2})
-    >>> r.status_code
-    200
+Example (``sd35fp8 api-key --keys-file keys.txt`` prints a key once and stores its hash):
+    $ sd35fp8 serve --model tiny --keys-file keys.txt --queue-size 8 --rate 60
+    $ curl -s localhost:8000/v1/images/generations -H "Authorization: Bearer $KEY" \
+        -H 'Content-Type: application/json' -d '{"prompt": "a fox", "size": "128x128"}'
+    {"created": 1795530000, "data": [{"b64_json": "iVBORw0KGgo...", "seed": 1234}]}
+
+:mod:`~sd35fp8_helpers.serve_client` starts one in the background for notebooks and tests.
 """
 # No ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations
 # (``request: Request``) at run time, and ``Request`` is imported inside :func:`create_app`.
@@ -46,17 +45,14 @@ import os
 import queue
 import re
 import secrets
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from .constants import DEFAULT_MODEL
 from .errors import InvalidGenerationInput, ServerStartFailed, Sd35fp8Error
@@ -719,95 +715,6 @@ def run_server(config: ServeConfig, keys, host: str = "127.0.0.1", port: int = D
         raise ServerStartFailed(f"the model could not be loaded ({type(exc).__name__}: {exc})",
                                 fix="run `sd35fp8 generate --model MODEL --prompt test` to see the full error") from exc
     return 0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class RunningServer:
-    """A ``sd35fp8 serve`` subprocess started by :func:`serve_in_background`."""
-
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def logs(self) -> str:
-        """Everything the server wrote to stdout and stderr so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def log_events(self) -> list[dict[str, Any]]:
-        """The server's JSON log lines, parsed (other lines, e.g. library warnings, skipped)."""
-        events = []
-        for line in self.logs().splitlines():
-            with contextlib.suppress(ValueError):
-                if isinstance(obj := json.loads(line), dict):
-                    events.append(obj)
-        return events
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, wait for the graceful shutdown, SIGKILL if it does not come. Returns the exit code
-        (-15 after a graceful shutdown: uvicorn re-raises the signal it caught)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        return self.process.returncode
-
-
-@contextlib.contextmanager
-def serve_in_background(model: str = DEFAULT_MODEL, *, api_keys: dict[str, str] | None = None,
-                        args: Sequence[str] = (), port: int | None = None, ready_timeout: float = 180.0,
-                        env: dict[str, str] | None = None) -> Iterator[RunningServer]:
-    """Start ``sd35fp8 serve`` on 127.0.0.1 (a free port), wait for ``/readyz``, yield it, always stop it.
-
-    ``api_keys`` (label → key) are written *hashed* to a temporary keys file, as in production; ``args``
-    are more ``sd35fp8 serve`` options (``["--queue-size", "1"]``). The server's output goes to a log file
-    (:meth:`RunningServer.logs`), so a chatty server never blocks on a full pipe.
-    """
-    import httpx
-
-    from .serve_auth import hash_api_key
-
-    workdir = Path(tempfile.mkdtemp(prefix="sd35fp8-serve-"))
-    command = [sys.executable, "-m", "sd35fp8_helpers.cli", "serve", "--model", model, "--host", "127.0.0.1",
-               "--port", str(port or free_port()), *args]
-    if api_keys:
-        keys_file = workdir / "keys.txt"
-        keys_file.write_text("".join(hash_api_key(k, label).line() + "\n" for label, k in api_keys.items()))
-        command += ["--keys-file", str(keys_file)]
-    log_path = workdir / "server.log"
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = RunningServer(f"http://127.0.0.1:{command[command.index('--port') + 1]}", process, log_path)
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if process.poll() is not None:
-                tail = " | ".join(server.logs().strip().splitlines()[-3:])
-                raise ServerStartFailed(f"sd35fp8 serve exited with code {process.returncode} before it was "
-                                        f"ready: {tail}", fix=f"read the whole log: {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise ServerStartFailed(f"sd35fp8 serve was not ready after {ready_timeout:.0f} s",
-                                        fix=f"read its log: {log_path}")
-            time.sleep(0.2)
-        yield server
-    finally:
-        server.stop()
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------

@@ -189,6 +189,13 @@ def _drive(page, deadline: Deadline) -> None:
 
     playground.scroll_into_view_if_needed()
     prompt = page.locator(".sd35fp8-prompt textarea")
+    button = page.locator("button.sd35fp8-generate")
+    prompt.fill("")  # a mistake first: it must come back as a message, with the button usable
+    prompt.press("Tab")
+    button.click()
+    page.locator(".sd35fp8-message", has_text="is empty").wait_for(timeout=deadline.ms())
+    assert "describe the image you want" in page.locator(".sd35fp8-message").inner_text()
+
     prompt.fill(PROMPT)
     prompt.press("Tab")  # ipywidgets text boxes sync on change
     seed = page.locator(".sd35fp8-seed input")
@@ -196,7 +203,6 @@ def _drive(page, deadline: Deadline) -> None:
     seed.press("Enter")
     page.locator(".sd35fp8-size select").select_option(label="128×128 (square)")
 
-    button = page.locator("button.sd35fp8-generate")
     bar = page.locator(".sd35fp8-progress .progress-bar")
     page.evaluate(_WATCH, [bar.element_handle(), button.element_handle()])
     button.click()

@@ -175,6 +175,17 @@ def test_failed_download_leaves_nothing_in_the_destination_then_resumes(hub, tmp
     assert (dest / BROKEN).read_bytes() == hub.repos["test/broken"][BROKEN] and not staging.exists()
 
 
+def test_offline_uses_a_complete_cached_snapshot(hub, tmp_path):
+    online = _drive([{"repo": "test/tiny", "download": True}], _env(hub.url, tmp_path))
+    snapshot = tmp_path / "hf/hub/models--test--tiny/snapshots" / COMMIT
+    assert online[0]["ok"].startswith(f"{snapshot} in ")
+    offline = _drive([{"repo": "test/tiny", "download": True}, {"repo": "test/gated", "download": True}],
+                     _env(hub.url, tmp_path, HF_HUB_OFFLINE="1"))
+    assert offline[0]["ok"] == (f"{snapshot} from the cache (hub unreachable); OK: {snapshot} is loadable "
+                                "(5 weight files, 356 tensors, 0 sha256 verified)")
+    assert offline[1]["type"] == "HubOffline"  # never downloaded: the offline error, not a cache error
+
+
 def test_failed_cache_download_leaves_no_partial_file_in_the_snapshot(hub, tmp_path):
     env = _env(hub.url, tmp_path)
     out = _drive([{"repo": "test/broken", "download": True}], env)

@@ -149,3 +149,12 @@ def test_ls_files_without_json_support(origin, tmp_path, monkeypatch):
         lfs._git(["lfs", "ls-files", "--json"], cwd=clone)
     assert lfs.ls_files(clone) == expected
     assert [f.checked_out for f in expected] == [False, False, False, False, True]
+
+
+def test_git_absent(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing at all
+    with pytest.raises(GitLfsMissing) as exc:
+        lfs.git_lfs_version()
+    assert exc.value.one_line == ("git is not installed: model repositories cannot be cloned fix: "
+                                  + lfs.install_command().replace("git-lfs", "git git-lfs", 1))
+    assert lfs.lfs_oids(tmp_path) == {}  # verification goes on without expected hashes

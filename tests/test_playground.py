@@ -46,14 +46,15 @@ def _error(pg: Playground) -> str:
 
 def test_generate_shows_image_progress_info_and_history(make_playground):
     seen = []
-    pg = make_playground(on_step=lambda step, total: seen.append((step, total, pg.progress.value)))
+    pg = make_playground(on_step=lambda step, total: seen.append((step, total, pg.progress.value,
+                                                                 pg.generate_button.disabled)))
     pg.prompt.value, pg.seed.value, pg.steps.value = "a lighthouse at dusk", 3, 5
     pg.generate_button.click()
 
     assert pg.message.value == "" and not pg.generate_button.disabled
     assert bytes(pg.image.value).startswith(PNG_SIGNATURE) and _pixels(pg.image.value).shape == (128, 128, 3)
-    # the bar moved at every step (not only at the end) and finished
-    assert seen == [(i, 5, i) for i in range(1, 6)]
+    # the bar moved at every step (not only at the end), with Generate disabled meanwhile, and finished
+    assert seen == [(i, 5, i, True) for i in range(1, 6)]
     assert (pg.progress.value, pg.progress.max, pg.progress.bar_style) == (5, 5, "success")
     assert pg.progress_text.value.endswith("step 5/5")
     for text in ("seed 3", "5 steps", "128×128", "BF16 (float32)", "memory: none", "peak", "process peak RSS"):
