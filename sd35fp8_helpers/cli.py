@@ -78,7 +78,13 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="multiple of 16; default: the model's native size")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--from-png", default=None, help="reproduce an image saved by sd35fp8 from its PNG metadata")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp8-storage", "fp8-compute"],
+                   help="bf16 = as loaded; FP8 storage runs anywhere, FP8 compute needs capability >= 8.9 "
+                        "(default: bf16, or the PNG's with --from-png)")
+    p.add_argument("--memory", default=None, choices=["none", "vae-tiling", "cpu-offload"],
+                   help="memory strategy (default: none, or the PNG's with --from-png)")
+    p.add_argument("--from-png", default=None, help="reproduce an image saved by sd35fp8 from its PNG metadata "
+                                                    "(settings, model, precision and memory strategy)")
     p.add_argument("--out", default=None, help="PNG to write (default: outputs/images/<seed>.png)")
 
 
@@ -90,7 +96,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .generation import GenerationSettings, generate, read_png_metadata
     from .models import load_pipeline
 
-    model = args.model
+    model, meta = args.model, {}
     if args.from_png:
         meta = read_png_metadata(args.from_png)
         gen = GenerationSettings(**meta["settings"])
@@ -99,7 +105,17 @@ def _generate(args: argparse.Namespace) -> int:
         if not args.prompt:
             raise Sd35fp8Error("--prompt is required (or --from-png FILE)", fix='sd35fp8 generate --prompt "a cat"')
         gen = None
+    precision = args.precision or (meta.get("precision") if meta.get("precision", "").startswith("fp8-") else "bf16")
+    memory = args.memory or meta.get("memory", "none")
     pipe = load_pipeline(model, device=args.device)
+    if precision != "bf16":
+        from .fp8 import FP8Config, quantize_
+
+        quantize_(pipe, FP8Config(mode=precision.removeprefix("fp8-")))
+    if memory == "vae-tiling":
+        pipe.vae.enable_tiling()
+    elif memory == "cpu-offload":
+        pipe.enable_model_cpu_offload()
     if gen is None:
         from .presets import LARGE, TINY
 
@@ -107,7 +123,8 @@ def _generate(args: argparse.Namespace) -> int:
         steps = args.steps or (TINY if pipe.sd35fp8_source.is_tiny else LARGE).default_steps
         gen = GenerationSettings(args.prompt, args.negative_prompt, args.seed, steps, args.guidance,
                                  args.height or native, args.width or native)
-    result = generate(pipe, gen)
+    result = generate(pipe, gen, precision=precision)
+    result.extra["memory"] = memory
     out = Path(args.out) if args.out else settings().output_dir / "images" / f"seed{gen.seed}.png"
     result.save(out)
     print(f"wrote {out} ({gen.width}x{gen.height}, {gen.steps} steps, seed {gen.seed}, "

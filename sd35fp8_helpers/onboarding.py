@@ -188,7 +188,7 @@ class _Run:
         if self.state.get("model") != config.model:  # another model in the same folder: start over
             self.state = {"model": config.model, "source": self.source, "files": {}}
         self.result = SetupResult(config, self.source)
-        self.pipe = None
+        self.pipe, self.precision = None, None
 
     @property
     def model_path(self) -> Path:
@@ -339,7 +339,7 @@ class _Run:
         done = self._done("smoke")
         if done and done.get("key") == self._smoke_key() and (self.config.dir / SMOKE_IMAGE).is_file():
             return "skipped", "smoke image for these files, precision and versions already made"
-        self.pipe, detail = load_with_precision(self.model_path, self.source, self.config)
+        self.pipe, self.precision, detail = load_with_precision(self.model_path, self.source, self.config)
         self.state["precision_used"] = detail
         return "ok", detail
 
@@ -355,7 +355,7 @@ class _Run:
         side = min(native, 512, pipeline_limits(self.pipe)[1])  # small: a smoke test, not a render
         result = generate(self.pipe, GenerationSettings("a photo of an astronaut riding a horse on the moon",
                                                         seed=0, steps=4, height=side, width=side), progress=False,
-                          precision=self.state.get("precision_used"))
+                          precision=self.precision)
         result.model = self.config.model
         result.save(image)
         digest = image_sha256(image)
@@ -450,14 +450,17 @@ def _restore_deleted(repo: Path) -> list[str]:
 
 
 def load_with_precision(path: Path, source: SourceKind, config: SetupConfig):
-    """Load the verified model and apply the precision; returns (pipe, one-line description with bytes)."""
+    """Load the verified model and apply the precision.
+
+    Returns (pipe, precision name as ``sd35fp8 generate --precision`` takes it, one line with bytes per component).
+    """
     from .display import human_bytes
 
     if source == "comfy-file":
         from .comfy import load_comfy_pipeline
 
         pipe = load_comfy_pipeline(path, base=config.base, device=config.device)
-        return pipe, "Comfy scaled-FP8 file, scales applied (FP8 storage)"
+        return pipe, "fp8-storage", "Comfy scaled-FP8 file, scales applied (FP8 storage)"
     from .models import load_pipeline
 
     if config.precision == "bf16":
@@ -465,13 +468,13 @@ def load_with_precision(path: Path, source: SourceKind, config: SetupConfig):
 
         pipe = load_pipeline(str(path), device=config.device, dtype=torch.bfloat16)
         weights = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
-        return pipe, f"bf16, no FP8 (transformer {human_bytes(weights)})"
+        return pipe, "bf16", f"bf16, no FP8 (transformer {human_bytes(weights)})"
     from .fp8 import FP8Config, quantize_
 
     pipe = load_pipeline(str(path), device=config.device)
     mode = {"auto": "auto", "fp8-storage": "storage", "fp8-compute": "compute"}[config.precision]
     report = quantize_(pipe, FP8Config(mode=mode))
-    return pipe, f"FP8 {report.mode} ({report.policy}); " + _bytes_line(report)
+    return pipe, f"fp8-{report.mode}", f"FP8 {report.mode} ({report.policy}); " + _bytes_line(report)
 
 
 def _bytes_line(report) -> str:

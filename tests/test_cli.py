@@ -51,6 +51,18 @@ def test_generate_then_reproduce_from_png(cli, tiny_model_dir, tmp_path):
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
 
 
+def test_fp8_image_reproduces_from_png_with_its_precision(cli, tiny_model_dir, tmp_path):
+    first, again, plain = tmp_path / "fp8.png", tmp_path / "again.png", tmp_path / "bf16.png"
+    base = ["generate", "--model", str(tiny_model_dir)]
+    assert cli(*base, "--prompt", "a fox", "--precision", "fp8-storage", "--out", str(first)).returncode == 0
+    assert read_png_metadata(first)["precision"] == "fp8-storage"
+    assert cli(*base, "--from-png", str(first), "--out", str(again)).returncode == 0
+    assert cli(*base, "--from-png", str(first), "--precision", "bf16", "--out", str(plain)).returncode == 0
+    pixels = lambda p: np.asarray(Image.open(p))
+    assert np.array_equal(pixels(first), pixels(again))  # FP8 settings were re-applied
+    assert not np.array_equal(pixels(first), pixels(plain))  # and they matter: bf16 differs
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--prompt", "x", "--height", "100"], "height=100 is not a multiple of 16; nearest valid: 96 or 112"),
     (["--prompt", "x", "--width", "512"], "width=512 is over this model's single-pass limit of 256 px"),

@@ -134,10 +134,18 @@ def test_plan_recommends_a_fitting_lossless_strategy():
     (dict(vram_gib=12, width=4000), "width=4000 is over SD3.5 large's single-pass limit of 3072 px"),
     (dict(vram_gib=12, batch=0), "batch=0 must be a whole number >= 1"),
     (dict(vram_gib=12, margin=1.5), "margin=1.5 must be a fraction"),
+    (dict(vram_gib=12, ram_gib=0), "ram=0 must be a positive number of GiB"),
 ])
 def test_invalid_plan_inputs_raise_clear_errors(kwargs, match):
     with pytest.raises(InvalidPlanInput, match=match):
         plan(**kwargs)
+
+
+def test_host_ram_rules_out_offloading_that_would_not_fit_in_ram():
+    roomy = plan(4, "large", ram_gib=256)
+    tight = plan(4, "large", ram_gib=16)
+    assert all(r.host_ram <= 16 * GIB for r in tight.fitting)
+    assert len(tight.fitting) < len(roomy.fitting)
 
 
 def test_unknown_strategy_names_the_choices():
