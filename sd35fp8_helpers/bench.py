@@ -247,7 +247,7 @@ def measure_t5(preset: str, device: str) -> dict[str, Any]:
     from .presets import get_preset
 
     with torch.device(device):
-        t5 = T5EncoderModel(T5Config(**get_preset(preset).t5, vocab_size=32128)).to(torch.bfloat16).eval()
+        t5 = T5EncoderModel(T5Config(**{"vocab_size": 32128, **get_preset(preset).t5})).to(torch.bfloat16).eval()
     _random_weights_(t5, seed=2)
     ids = torch.randint(0, 32000, (1, 256), generator=torch.Generator("cpu").manual_seed(3)).to(device)
     with torch.inference_mode():
@@ -302,7 +302,7 @@ def run_bench(preset: str = "tiny", *, height: int | None = None, width: int | N
         if v == "bf16" and out is not None:
             reference = out
         result.variants.append(res)
-        print(f"  {v}: {json.dumps(asdict(res))}", file=sys.stderr, flush=True)
+        print(f"  {v}: {res.status}, {_f(res.ms_per_step, 1)} ms/step", file=sys.stderr, flush=True)
         _write(result, json_path)
     base = next((r for r in result.variants if r.variant == "bf16" and r.ms_per_step), None)
     for r in result.variants:
@@ -395,8 +395,25 @@ def benchmarks_folder() -> Path:
 
 
 def load_results(folder: str | Path) -> list[dict[str, Any]]:
-    """Every ``fp8-*.json`` written by ``sd35fp8 bench`` in ``folder`` (e.g. ``docs/benchmarks``)."""
-    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("fp8-*.json"))]
+    """The ``fp8-*.json`` files written by ``sd35fp8 bench`` in ``folder`` (e.g. ``docs/benchmarks``), merged per
+    preset, size and device: each variant's first successful measurement is kept (its speed-up was computed
+    against the bf16 eager run of the same process)."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for path in sorted(Path(folder).glob("fp8-*.json")):
+        data = json.loads(path.read_text())
+        key = (data["preset"], data["width"], data["height"], data["device"])
+        if key not in merged:
+            merged[key] = {**data, "variants": []}
+        have = {v["variant"]: i for i, v in enumerate(merged[key]["variants"])}
+        for v in data["variants"]:
+            if v["variant"] not in have:
+                merged[key]["variants"].append(v)
+            elif v["status"] == "ok" and merged[key]["variants"][have[v["variant"]]]["status"] != "ok":
+                merged[key]["variants"][have[v["variant"]]] = v
+    order = list(VARIANTS)
+    for data in merged.values():
+        data["variants"].sort(key=lambda v: order.index(v["variant"]))
+    return list(merged.values())
 
 
 def plot_results(results: list[dict[str, Any]]):
@@ -418,3 +435,44 @@ def plot_results(results: list[dict[str, Any]]):
         ax.set_title(f"SD3.5 {r['preset']} {r['width']}² — {r['device']}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def markdown_table(data: dict[str, Any]) -> str:
+    """One benchmark JSON as a Markdown table (what docs/benchmarks.md shows)."""
+    lines = [f"| variant | weights GiB | peak GiB | ms/step | s/image ({data['steps']} steps) | vs bf16 eager "
+             "| first call s | warm-start first call s | rel. error vs bf16 |", "|---" * 9 + "|"]
+    base = next((v["ms_per_step"] for v in data["variants"] if v["variant"] == "bf16" and v["ms_per_step"]), None)
+    for v in data["variants"]:
+        if v["status"] != "ok":
+            lines.append(f"| {v['variant']} | {v['status']} |" + " |" * 7)
+            continue
+        speed = base / v["ms_per_step"] if base else None
+        lines.append(f"| {v['description']} | {_gib(v['weights_gib'])} | {_gib(v['peak_gib'])} | "
+                     f"{v['ms_per_step']:.1f} | {v['s_per_image']:.2f} | {_f(speed, 2, '×')} | "
+                     f"{_f(v['first_call_s'], 1)} | {_f(v['warm_first_call_s'], 1)} | {_f(v['rel_err_vs_bf16'], 4)} |")
+    return "\n".join(lines)
+
+
+def real_size_bytes(preset: str = "large") -> dict[str, dict[str, float]]:
+    """GiB of the real-size transformer per policy and of T5-XXL, bf16 → FP8 storage — computed exactly on the
+    ``meta`` device (no memory, no GPU): the same conversion code, without the numbers."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from .fp8 import POLICIES, TEXT_ENCODER_POLICY, _to_storage, module_bytes
+    from .presets import get_preset, instantiate_transformer
+
+    out = {}
+    for name, policy in POLICIES.items():
+        model = instantiate_transformer(preset, device="meta").to(torch.bfloat16)
+        before = module_bytes(model)
+        layers = _to_storage(model, policy)
+        out[f"transformer {name}"] = {"bf16_gib": before / 2**30, "fp8_gib": module_bytes(model) / 2**30,
+                                      "layers": len(layers)}
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(**{"vocab_size": 32128, **get_preset(preset).t5})).to(torch.bfloat16)
+    before = module_bytes(t5)
+    layers = _to_storage(t5, TEXT_ENCODER_POLICY)
+    out["text_encoder_3 (T5-XXL)"] = {"bf16_gib": before / 2**30, "fp8_gib": module_bytes(t5) / 2**30,
+                                      "layers": len(layers)}
+    return out

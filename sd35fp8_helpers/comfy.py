@@ -228,7 +228,8 @@ def load_comfy_pipeline(path: str | Path, base: str | Path = "tiny", *, device: 
     pipe = StableDiffusion3Pipeline.from_pretrained(source.path, torch_dtype=dtype, use_safetensors=True,
                                                     **components).to(device)
     pipe.sd35fp8_source = source
-    pipe.sd35fp8_fp8 = report_for_loaded(pipe, {"policy": f"as stored in {info.path.name}"})
+    pipe.sd35fp8_fp8 = report_for_loaded(pipe, {"policy": "as stored"}, f"loaded from the Comfy file {info.path.name}"
+                                         f"{' WITHOUT its scales' if ignore_scales else ', scales applied'}")
     if mode != "storage":
         pipe.sd35fp8_fp8 = quantize_(pipe, FP8Config(mode=mode, text_encoder_3=False))
     return pipe

@@ -1,28 +1,30 @@
-"""All sd35fp8 error types, in one place. Each names what went wrong and the fix.
+"""All sd35fp8 error types, in one place. Each names what went wrong and the fix (``error.fix``).
 
     Sd35fp8Error
-     ├── InvalidGenerationInput (ValueError)   a size/step/seed the pipeline cannot take
-     ├── InvalidTilingInput (ValueError)       a tile size / canvas the tiled VAE or tiled denoising cannot take
-     ├── ModelNotFound (FileNotFoundError)     "the model" is neither tiny, a folder nor a repo id
-     ├── UnsupportedEnvironment (RuntimeError) old torch, no float8, a GPU below capability 8.9 …
- │    └── FP8ComputeUnavailable             FP8 compute asked for on a device without float8 matmuls
- ├── ComfyFormatError (ValueError)         a .safetensors file that is not a Comfy SD3 (scaled-FP8) checkpoint
-     ├── NotebookFailed (RuntimeError)         a notebook cell raised while the runner executed it
-     ├── InvalidPlanInput (ValueError)         a memory-plan input that makes no sense (budget, size, preset)
-     ├── OutOfMemoryAfterFallback (MemoryError) every rung of the memory ladder ran out of memory
-     ├── PipelinePlacementError (RuntimeError) a strategy change left modules on the wrong device
-     ├── GitLfsMissing (FileNotFoundError)     git or git-lfs not installed (message: the install command)
-     ├── GitCommandFailed (RuntimeError)       a git / git lfs command exited non-zero
-     ├── ModelVerificationFailed (ValueError)  a model folder has pointer files, truncated or pickle weights …
-     ├── NotEnoughDisk (OSError)               "needs X GB, Y GB free at PATH", before downloading
-     ├── ServerStartFailed (RuntimeError)      `sd35fp8 serve` exited or was not ready (message: its last log lines)
-     └── HubError                              the hub said no, translated (never shows the token):
-          ├── GatedRepo (PermissionError)      accept the licence on the model page, then authenticate
-          ├── HubAuthFailed (PermissionError)  401 bad/expired token, or 403 token without permission
-          ├── RepoNotOnHub (FileNotFoundError) 404: no such repo / revision / file (or private)
-          └── HubOffline (ConnectionError)     HF_HUB_OFFLINE=1, or the hub cannot be reached
+     ├── InvalidInput (ValueError)               an argument no run could take: names it, its value, the nearest valid
+     │    ├── InvalidGenerationInput             a size/step/seed the pipeline cannot take
+     │    ├── InvalidTilingInput                 a tile size / canvas tiled decoding or denoising cannot take
+     │    └── InvalidPlanInput                   a memory-plan budget, size or preset that makes no sense
+     ├── ModelNotFound (FileNotFoundError)       "the model" is neither tiny, a folder nor a repo id
+     ├── ModelVerificationFailed (ValueError)    a model folder has pointer files, truncated or pickle weights …
+     ├── ComfyFormatError (ValueError)           a .safetensors file that is not a Comfy SD3 (scaled-FP8) checkpoint
+     ├── UnsupportedEnvironment (RuntimeError)   old torch, no float8, a GPU below capability 8.9 …
+     │    └── FP8ComputeUnavailable              FP8 compute asked for on a device without float8 matmuls
+     ├── GitLfsMissing (FileNotFoundError)       git or git-lfs not installed (message: the install command)
+     ├── GitCommandFailed (RuntimeError)         a git / git lfs command exited non-zero
+     ├── NotEnoughDisk (OSError)                 "needs X GB, Y GB free at PATH", before downloading
+     ├── HubError                                the hub said no, translated (never shows the token):
+     │    ├── GatedRepo (PermissionError)        accept the licence on the model page, then authenticate
+     │    ├── HubAuthFailed (PermissionError)    401 bad/expired token, or 403 token without permission
+     │    ├── RepoNotOnHub (FileNotFoundError)   404: no such repo / revision / file (or private)
+     │    └── HubOffline (ConnectionError)       HF_HUB_OFFLINE=1, or the hub cannot be reached
+     ├── OutOfMemoryAfterFallback (MemoryError)  every rung of the memory ladder ran out of memory
+     ├── PipelinePlacementError (RuntimeError)   a strategy change left modules on the wrong device
+     ├── SetupStageFailed (RuntimeError)         a `sd35fp8 setup` stage failed (names the stage)
+     └── ServerStartFailed (RuntimeError)        `sd35fp8 serve` exited or was not ready (message: its last log lines)
 
-Later modules add their own here so that a user can ``except sd35fp8_helpers.errors.Sd35fp8Error``.
+A user can catch everything sd35fp8 raises on purpose with ``except sd35fp8_helpers.errors.Sd35fp8Error``; the
+CLI prints such an error as one line (message, then fix) and exits 1.
 """
 
 from __future__ import annotations
@@ -45,29 +47,28 @@ class Sd35fp8Error(Exception):
         return " ".join(str(self).split())
 
 
-class InvalidGenerationInput(Sd35fp8Error, ValueError):
+class InvalidInput(Sd35fp8Error, ValueError):
+    """An argument no run could take; carries ``argument`` and ``value`` and says what would be valid."""
+
+    def __init__(self, argument: str, value: object, message: str, *, fix: str = "") -> None:
+        self.argument = argument
+        self.value = value
+        super().__init__(f"{argument}={value!r} {message}", fix=fix)
+
+
+class InvalidGenerationInput(InvalidInput):
     """A generation argument the pipeline cannot take.
 
     Example message: ``height=1000 is not a multiple of 16; nearest valid: 992 or 1008``.
     """
 
-    def __init__(self, argument: str, value: object, message: str, *, fix: str = "") -> None:
-        self.argument = argument
-        self.value = value
-        super().__init__(f"{argument}={value!r} {message}", fix=fix)
 
-
-class InvalidTilingInput(Sd35fp8Error, ValueError):
+class InvalidTilingInput(InvalidInput):
     """A tile size, overlap or canvas that tiled VAE decoding/encoding or tiled denoising cannot take.
 
     Example message: ``width=1001 is not a multiple of 8 px (the VAE works on 8x8 pixel blocks); nearest
     valid: 1000 or 1008``.
     """
-
-    def __init__(self, argument: str, value: object, message: str, *, fix: str = "") -> None:
-        self.argument = argument
-        self.value = value
-        super().__init__(f"{argument}={value!r} {message}", fix=fix)
 
 
 class ModelNotFound(Sd35fp8Error, FileNotFoundError):
@@ -105,27 +106,11 @@ class ComfyFormatError(Sd35fp8Error, ValueError):
         super().__init__(f"{self.file.name}: {message}", fix=fix)
 
 
-class NotebookFailed(Sd35fp8Error, RuntimeError):
-    """A notebook cell raised while the runner executed it; names the notebook and the cell."""
-
-    def __init__(self, notebook: Path, cell: str, error: str) -> None:
-        self.notebook = Path(notebook)
-        self.cell = cell
-        self.error = error
-        super().__init__(f"{self.notebook.name}: {cell} raised {error}",
-                         fix=f"open {self.notebook} in Jupyter and run the cells above it to see the traceback")
-
-
-class InvalidPlanInput(Sd35fp8Error, ValueError):
+class InvalidPlanInput(InvalidInput):
     """A memory-plan input that cannot describe a real run.
 
     Example message: ``vram=-4 must be a positive number of GiB fix: pass your card's memory, e.g. --vram 12``.
     """
-
-    def __init__(self, argument: str, value: object, message: str, *, fix: str = "") -> None:
-        self.argument = argument
-        self.value = value
-        super().__init__(f"{argument}={value!r} {message}", fix=fix)
 
 
 class OutOfMemoryAfterFallback(Sd35fp8Error, MemoryError):
@@ -205,6 +190,18 @@ class NotEnoughDisk(Sd35fp8Error, OSError):
         super().__init__(f"needs {gb(need_bytes)}, {gb(free_bytes)} free at {self.path}",
                          fix="free some space, or download elsewhere: --local-dir on a larger disk, or set "
                              "HF_HUB_CACHE (or HF_HOME) to a folder on a larger, fast local disk")
+
+
+class SetupStageFailed(Sd35fp8Error, RuntimeError):
+    """A stage of ``sd35fp8 setup`` failed; ``stage`` names it (the CLI exits with that stage's code).
+
+    Example message: ``stage 'verify' failed: transformer/…safetensors: sha256 9f42… differs from the expected
+    8d8a… fix: delete …/transformer/…safetensors and run the same `sd35fp8 setup` again``.
+    """
+
+    def __init__(self, stage: str, message: str, *, fix: str = "") -> None:
+        self.stage = stage
+        super().__init__(f"stage {stage!r} failed: {message}", fix=fix)
 
 
 class ServerStartFailed(Sd35fp8Error, RuntimeError):

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ HYBRID_FP8_ONLY: tuple[str, ...] = (r"\.ff(_context)?\.", r"\.to_out\.0$", r"\.t
 """``hybrid`` converts only feed-forward and attention-output projections; q/k/v and AdaLN stay bf16."""
 
 
+@functools.lru_cache(maxsize=1)
 def _diffusers_default_skips() -> tuple[str, ...]:
     """What ``SD3Transformer2DModel.enable_layerwise_casting()`` skips by default, from diffusers itself.
 
@@ -80,15 +82,19 @@ class Policy:
 
     name: str
     description: str
-    skip: tuple[str, ...] = ()
+    skip: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()  # a callable is read on first use
     only: tuple[str, ...] | None = None  # if set, a Linear must match one of these as well
+
+    @property
+    def skip_patterns(self) -> tuple[str, ...]:
+        return self.skip() if callable(self.skip) else self.skip
 
     def __call__(self, module: "nn.Module", fqn: str) -> bool:
         from torch import nn
 
         if type(module) is not nn.Linear:
             return False
-        if any(re.search(p, fqn) for p in self.skip):
+        if any(re.search(p, fqn) for p in self.skip_patterns):
             return False
         return self.only is None or any(re.search(p, fqn) for p in self.only)
 
@@ -99,7 +105,7 @@ POLICIES: dict[str, Policy] = {
     "hybrid": Policy("hybrid", "feed-forward and attention outputs FP8; q/k/v and AdaLN bf16",
                      skip=ALL_LINEAR_KEEP_BF16, only=HYBRID_FP8_ONLY),
     "diffusers-default": Policy("diffusers-default", "diffusers' layerwise-casting skips ('norm' keeps AdaLN bf16)",
-                                skip=_diffusers_default_skips()),
+                                skip=_diffusers_default_skips),  # read from diffusers on first use, not at import
 }
 TEXT_ENCODER_POLICY = Policy("text-encoder", "every Linear (embeddings and norms are not Linears)")
 
@@ -266,10 +272,12 @@ def _float8_storage_linear_class():
             return (f"in_features={self.in_features}, out_features={self.out_features}, "
                     f"bias={self.bias is not None}, storage=float8_e4m3fn, scale={kind}")
 
+    Float8StorageLinear.__qualname__ = "Float8StorageLinear"
+    Float8StorageLinear.__module__ = __name__
     return Float8StorageLinear
 
 
-_CLASSES: dict[str, type] = {}
+_CLASSES: dict[str, Any] = {}  # lazily built classes (torch/transformers imported on first use)
 
 
 def storage_linear_class() -> type:
@@ -307,21 +315,20 @@ def _t5_ff_patched(module: "nn.Module") -> None:
     """
     from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense
 
-    if isinstance(module, T5DenseGatedActDense) and "t5_gated" not in _CLASSES:
+    if "t5" not in _CLASSES:
         class Float8T5DenseGatedActDense(T5DenseGatedActDense):
             def forward(self, hidden_states):
                 gated = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
                 return self.wo(self.dropout(gated))
-        _CLASSES["t5_gated"] = Float8T5DenseGatedActDense
-    if isinstance(module, T5DenseActDense) and "t5_plain" not in _CLASSES:
+
         class Float8T5DenseActDense(T5DenseActDense):
             def forward(self, hidden_states):
                 return self.wo(self.dropout(self.act(self.wi(hidden_states))))
-        _CLASSES["t5_plain"] = Float8T5DenseActDense
-    if isinstance(module, T5DenseGatedActDense):
-        module.__class__ = _CLASSES["t5_gated"]
-    elif isinstance(module, T5DenseActDense):
-        module.__class__ = _CLASSES["t5_plain"]
+
+        _CLASSES["t5"] = {T5DenseGatedActDense: Float8T5DenseGatedActDense, T5DenseActDense: Float8T5DenseActDense}
+    patched = _CLASSES["t5"].get(type(module))
+    if patched is not None:
+        module.__class__ = patched
 
 
 def _replace(root: "nn.Module", fqn: str, new: "nn.Module") -> None:
@@ -382,7 +389,9 @@ def _to_compute(model: "nn.Module", keep: FilterFn) -> list[str]:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
     from torchao.quantization import quantize_ as ao_quantize_
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # set_inductor_config=False: torchao's recommended inductor settings switch on coordinate-descent tuning;
+    # with them the first compiled call of SD3.5 Large had not finished after 5 minutes on an H100.
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
     stored = [fqn for fqn, m in model.named_modules() if is_fp8_storage(m)]
     for fqn in stored:
@@ -558,10 +567,9 @@ def build_fp8_module(model_cls, config, layers: list[str], state: dict, dtype, *
     return model.eval()
 
 
-def report_for_loaded(pipe, manifest: dict[str, Any]) -> FP8Report:
+def report_for_loaded(pipe, manifest: dict[str, Any], reason: str = "loaded from an FP8 checkpoint") -> FP8Report:
     """The :class:`FP8Report` of a pipeline loaded from an FP8 checkpoint ("before" = the same layers unquantised)."""
-    report = FP8Report(mode="storage", policy=manifest.get("policy", "?"), reason="loaded from an FP8 checkpoint",
-                       device=str(pipe.device))
+    report = FP8Report(mode="storage", policy=manifest.get("policy", "?"), reason=reason, device=str(pipe.device))
     for name in ("transformer", "text_encoder_3", "text_encoder", "text_encoder_2", "vae"):
         module = getattr(pipe, name, None)
         if module is None:

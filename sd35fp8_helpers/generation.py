@@ -47,17 +47,25 @@ class GenerationResult:
                 "device": self.device, "seconds": round(self.seconds, 3), "versions": library_versions(),
                 **self.extra}
 
-    def save(self, path: str | Path) -> Path:
-        """Write a PNG carrying :meth:`metadata` as a text chunk (see :func:`read_png_metadata`)."""
+    def png_bytes(self) -> bytes:
+        """The image as PNG bytes carrying :meth:`metadata` as a text chunk (see :func:`read_png_metadata`)."""
+        import io
+
         from PIL.PngImagePlugin import PngInfo
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         info = PngInfo()
         info.add_text(PNG_METADATA_KEY, json.dumps(self.metadata(), sort_keys=True))
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG", pnginfo=info)
+        return buf.getvalue()
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`png_bytes` to ``path``, atomically (never a half-written PNG under the final name)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
-        self.image.save(tmp, format="PNG", pnginfo=info)
-        tmp.replace(path)  # never leave a half-written PNG under the final name
+        tmp.write_bytes(self.png_bytes())
+        tmp.replace(path)
         return path
 
 
@@ -160,4 +168,5 @@ def generate(pipe, settings: GenerationSettings, *, on_step: StepCallback | None
     dtype = str(pipe.transformer.dtype).replace("torch.", "")
     return GenerationResult(image=out.images[0], settings=settings, seconds=seconds,
                             model=source.spec if source else "unknown",
-                            precision=precision or dtype, device=str(pipe.device))
+                            precision=precision or dtype, device=str(pipe.device),
+                            extra={"compute_dtype": dtype})

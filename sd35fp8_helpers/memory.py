@@ -9,7 +9,7 @@ dropping T5, prompt fidelity) for memory, from fastest to leanest:
 ``fp8``                        transformer + T5 stored in FP8 (``fp8.quantize_``, storage mode), still resident
 ``fp8_no_t5``                  … and T5-XXL dropped (``text_encoder_3=None``): weaker long-prompt following
 ``fp8_model_offload``          FP8, one whole component on the GPU at a time (``enable_model_cpu_offload``)
-``fp8_group_offload``          FP8, one block at a time, prefetched on a CUDA stream (``apply_group_offloading``)
+``fp8_group_offload``          FP8, one block at a time (``apply_group_offloading``, block level)
 ``fp8_group_offload_tiled``    … and the VAE decodes 512 px tiles (``vae.enable_tiling`` + slicing)
 ``fp8_sequential_offload_tiled``  one layer at a time (accelerate ``cpu_offload``): leanest, slowest
 =============================  ===============================================================================
@@ -164,12 +164,11 @@ STRATEGIES: tuple[Strategy, ...] = (
     Strategy("fp8_model_offload", "FP8, one whole component on the GPU at a time (enable_model_cpu_offload)",
              fp8=True, offload="model", speed=0.75, host_ram="all weights (FP8) in host RAM",
              quality="FP8 rounding (~3% per layer)"),
-    Strategy("fp8_group_offload", "FP8, one block at a time, prefetched on a CUDA stream (block-level group offload)",
-             fp8=True, offload="group", speed=0.5, host_ram="~2x the FP8 weights (pinned copies for streaming)",
+    Strategy("fp8_group_offload", "FP8, one transformer/encoder block at a time (block-level group offload)",
+             fp8=True, offload="group", speed=0.25, host_ram="all weights (FP8) in host RAM",
              quality="FP8 rounding (~3% per layer)"),
     Strategy("fp8_group_offload_tiled", f"FP8, block-level group offload, VAE in {VAE_TILE_PX} px tiles",
-             fp8=True, offload="group", vae_tiling=True, speed=0.48,
-             host_ram="~2x the FP8 weights (pinned copies for streaming)",
+             fp8=True, offload="group", vae_tiling=True, speed=0.24, host_ram="all weights (FP8) in host RAM",
              quality="FP8 rounding; faint tile seams possible"),
     Strategy("fp8_sequential_offload_tiled", "FP8, one layer at a time (sequential CPU offload), VAE tiles",
              fp8=True, offload="sequential", vae_tiling=True, speed=0.1, host_ram="all weights (FP8) in host RAM",
@@ -258,15 +257,13 @@ def _apply_offload(pipe, offload: str, device) -> list[str]:
         from diffusers.hooks import apply_group_offloading
 
         for name, module in _modules(pipe).items():
-            nested = GROUP_BLOCK_MODULES.get(name)
-            # Streams prefetch the next block during the current one: it pays for the transformer (every
-            # step). diffusers 0.42 cannot combine streams with nested block_modules (the lazy-prefetch hook
-            # registers its tracker twice), and the text encoders / VAE run once per image anyway.
+            # No CUDA streams: in diffusers 0.42 the stream path moves parameters but not buffers back to the
+            # CPU, and FP8-stored weights are buffers (measured: the transformer stayed on the GPU, 9.9 GiB
+            # peak for Large). Streams also cannot combine with nested block_modules (tracker hook twice).
             apply_group_offloading(module, onload_device=device, offload_device="cpu", offload_type="block_level",
-                                   num_blocks_per_group=1, use_stream=device.type == "cuda" and not nested,
-                                   block_modules=nested)
-        stream = ", CUDA-stream prefetch for the transformer" if device.type == "cuda" else ""
-        return [f"group offload (block level{stream}) onto {device}"]
+                                   num_blocks_per_group=1, use_stream=False,
+                                   block_modules=GROUP_BLOCK_MODULES.get(name))
+        return [f"group offload (block level, no streams) onto {device}"]
     if offload == "sequential":
         # diffusers' enable_sequential_cpu_offload offloads buffers only for components whose top module has
         # parameters of its own — none of SD3's do, so FP8-stored weights (buffers) would stay on the GPU.
@@ -400,14 +397,21 @@ class StagedRun:
     image: Any
     steps: int
     stages: dict[str, MemoryReport] = field(default_factory=dict)
+    step_ends: list[float] = field(default_factory=list)  # perf_counter at the end of each step (synchronized)
 
     @property
     def seconds_per_step(self) -> float:
-        return self.stages["denoise"].seconds / self.steps
+        """Steady-state seconds per step: the median step after the first (the first carries one-off work,
+        e.g. model offload moving the transformer onto the GPU)."""
+        import statistics
+
+        gaps = [b - a for a, b in zip(self.step_ends, self.step_ends[1:])]
+        return statistics.median(gaps) if gaps else self.stages["denoise"].seconds / self.steps
 
     def seconds_per_image(self, steps: int) -> float:
-        """Encode + ``steps`` × (measured seconds per step) + decode: an extrapolation to ``steps``."""
-        return self.stages["encode"].seconds + steps * self.seconds_per_step + self.stages["decode"].seconds
+        """The measured image, extrapolated to ``steps``: encode + denoise + (steps − measured) × s/step + decode."""
+        return (self.stages["encode"].seconds + self.stages["denoise"].seconds
+                + (steps - self.steps) * self.seconds_per_step + self.stages["decode"].seconds)
 
     @property
     def gpu_peak_allocated(self) -> int | None:
@@ -457,6 +461,13 @@ def generate_by_stage(pipe, settings, *, progress: bool = False) -> StagedRun:
     device = pipe._execution_device
     cfg = settings.guidance_scale > 1
     run = StagedRun(image=None, steps=settings.steps)
+    cuda = torch.device(device).type == "cuda"
+
+    def _step_end(_pipe, _i, _t, kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        run.step_ends.append(time.perf_counter())
+        return kwargs
     with torch.no_grad():  # not inference_mode: offload hooks would create inference-only parameters
         with measure(device) as run.stages["encode"]:
             pe, npe, ppe, nppe = pipe.encode_prompt(
@@ -466,7 +477,8 @@ def generate_by_stage(pipe, settings, *, progress: bool = False) -> StagedRun:
             latents = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
                            negative_pooled_prompt_embeds=nppe, num_inference_steps=settings.steps,
                            guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
-                           generator=torch.Generator("cpu").manual_seed(settings.seed), output_type="latent").images
+                           generator=torch.Generator("cpu").manual_seed(settings.seed), output_type="latent",
+                           callback_on_step_end=_step_end).images
         with measure(device) as run.stages["decode"]:
             vae = pipe.vae
             latents = latents / vae.config.scaling_factor + vae.config.shift_factor

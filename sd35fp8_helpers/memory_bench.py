@@ -107,23 +107,8 @@ def calibrate_transformer(transformer) -> tuple[float, float]:
     return p1 - per_token * t1, per_token
 
 
-def diagnose_offload_step(pipe) -> list[dict]:
-    """Top CUDA ops of one denoising step under the current strategy (why is a step slow?)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from .generation import GenerationSettings
-    from .memory import generate_by_stage
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        generate_by_stage(pipe, GenerationSettings("a fox", steps=2, height=1024, width=1024))
-    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0))[:8]
-    return [{"op": e.key[:60], "calls": e.count, "device_ms": getattr(e, "self_device_time_total", 0) / 1e3}
-            for e in events]
-
-
 def run_ladder(preset: str, pipe, cal, steps: int, log, device: str = "cuda", side: int = 1024,
-               diagnose: bool = False) -> list[dict]:
+               rungs: list[str] | None = None) -> list[dict]:
     """Every strategy on one pipeline, in ladder order; T5-less rungs use a sibling pipeline sharing modules."""
     from diffusers import StableDiffusion3Pipeline
 
@@ -136,6 +121,8 @@ def run_ladder(preset: str, pipe, cal, steps: int, log, device: str = "cuda", si
                                   guidance_scale=4.5)
     warm = replace(settings, steps=1)
     for s in STRATEGIES:
+        if rungs and s.name not in rungs:
+            continue
         target = pipe
         if s.drop_t5:
             target = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
@@ -156,12 +143,11 @@ def run_ladder(preset: str, pipe, cal, steps: int, log, device: str = "cuda", si
                        predicted_gib=pred.gpu_peak / GIB, host_peak_gib=run.host_peak_rss / GIB,
                        predicted_host_gib=pred.host_ram / GIB,
                        s_per_step=run.seconds_per_step, s_per_image_28=run.seconds_per_image(28),
+                       step_s=[round(b - a, 4) for a, b in zip(run.step_ends, run.step_ends[1:])],
                        stages={k: v.as_dict() for k, v in run.stages.items()},
                        predicted_stages={k: v / GIB for k, v in pred.stage_peaks.items()},
                        misplaced=misplaced_modules(target))
             row["error_pct"] = 100 * (row["predicted_gib"] - row["measured_gib"]) / max(row["measured_gib"], 1e-9)
-            if diagnose and s.offload == "model":
-                row["profile"] = diagnose_offload_step(target)
         except Exception as exc:  # one rung failing must not hide the others
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         log(row)
@@ -243,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", nargs="*", default=["large", "medium"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--rungs", nargs="*", default=None, help="only these strategies (default: the whole ladder)")
+    ap.add_argument("--skip-emulated", action="store_true")
     args = ap.parse_args(argv)
     import diffusers
     import transformers
@@ -276,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                           host_baseline=float(psutil.Process().memory_info().rss), **shared)
         results["calibration"] = asdict(cal)
         log({"calibration": asdict(cal)})
-        results["ladder"] += run_ladder(preset, pipe, cal, args.steps, log, diagnose=preset == args.presets[0])
-        results["emulated"].append(run_emulated(preset, pipe, {"large": 12, "medium": 8}[preset], cal, log))
+        results["ladder"] += run_ladder(preset, pipe, cal, args.steps, log, rungs=args.rungs)
+        if not args.skip_emulated:
+            results["emulated"].append(run_emulated(preset, pipe, {"large": 12, "medium": 8}[preset], cal, log))
         del pipe
         free_memory()
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
@@ -371,8 +360,21 @@ def markdown_section(results: dict) -> str:
             f"{v.get('transformers')}, torchao {v.get('torchao', '—')}; date {results['date']}.",
             f"Command: `{results['command']}` (results: `docs/benchmarks/memory.json`).",
             f"Random weights at real size, 1024², CFG (guidance 4.5), FP8 = `fp8.quantize_` storage, all-linear. "
-            f"Each rung: one warm-up image, then {results['steps_measured']} measured steps; s/image is "
-            f"encode + 28 × (s/step) + decode, **extrapolated** to 28 steps. Peaks are "
+            f"Each rung: one warm-up image, then one measured image of {results['steps_measured']} steps; s/step "
+            f"is the median steady-state step (after the first, which carries one-off transfers); s/image is "
+            f"that image + (28 − {results['steps_measured']}) × s/step, i.e. **extrapolated** to 28 steps. Peaks are "
             f"`torch.cuda.max_memory_allocated` over the three stages; predictions come from "
             f"`sd35fp8_helpers.plan.predict` with the calibration measured in the same run.", ""]
-    return "\n".join(head) + summary_table(results) + "\n"
+    return "\n".join(head) + "\n" + summary_table(results) + "\n"
+
+
+def calibration_literal(results: dict) -> str:
+    """Python source for ``plan.CALIBRATION`` from a results JSON (activation terms + measured s/image)."""
+    cal = dict(results["calibration"])
+    seconds: dict = {}
+    for r in results["ladder"]:
+        if "error" not in r:
+            seconds.setdefault(r["preset"], {})[r["strategy"]] = round(r["s_per_image_28"], 2)
+    cal["seconds_per_image"] = seconds
+    fields = ",\n    ".join(f"{k}={v!r}" for k, v in cal.items())
+    return f"CALIBRATION = Calibration(\n    {fields},\n)"

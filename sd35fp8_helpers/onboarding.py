@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from .constants import DISK_SAFETY_FACTOR
-from .errors import Sd35fp8Error
+from .errors import SetupStageFailed, Sd35fp8Error
 
 Precision = Literal["auto", "bf16", "fp8-storage", "fp8-compute"]
 SourceKind = Literal["tiny", "local", "comfy-file", "git", "hub"]
@@ -54,14 +54,6 @@ _UNEXPECTED_FIX = {
 STATE_FILE = "setup-state.json"
 SMOKE_IMAGE = "smoke.png"
 _GIT_URL = re.compile(r"^(https?://|file://|ssh://|git@)|\.git/?$")
-
-
-class StageFailed(Sd35fp8Error, RuntimeError):
-    """A setup stage failed; ``stage`` names it and the exit code is :data:`EXIT_CODES` [stage]."""
-
-    def __init__(self, stage: str, message: str, *, fix: str = "") -> None:
-        self.stage = stage
-        super().__init__(f"stage {stage!r} failed: {message}", fix=fix)
 
 
 @dataclass(frozen=True)
@@ -135,7 +127,7 @@ def classify_source(model: str) -> SourceKind:
         return "git"
     if _REPO_ID.match(model):
         return "hub"
-    raise StageFailed("doctor", f"{model!r} is not 'tiny', an existing folder or .safetensors file, a git URL, "
+    raise SetupStageFailed("doctor", f"{model!r} is not 'tiny', an existing folder or .safetensors file, a git URL, "
                       "or a hub repo id", fix="check the spelling; e.g. sd35fp8 setup tiny")
 
 
@@ -179,7 +171,7 @@ def image_sha256(path: Path) -> str:
 # --- stages ------------------------------------------------------------------------------------------------
 
 class _Run:
-    """One execution of the stages; each ``_stage_*`` returns (status, detail) or raises StageFailed."""
+    """One execution of the stages; each ``_stage_*`` returns (status, detail) or raises SetupStageFailed."""
 
     def __init__(self, config: SetupConfig, echo: Callable[[str], None]) -> None:
         self.config, self.echo = config, echo
@@ -217,11 +209,11 @@ class _Run:
         ignore = {"disk"} | (set() if self.source == "git" else {"git", "git-lfs"})
         blocking = [c for c in report.checks if c.status == "fail" and c.name not in ignore]
         if self.config.precision == "fp8-compute" and fp8_mode_available(facts) != "compute":
-            raise StageFailed("doctor", "fp8-compute asked for, but this machine can only do FP8 storage "
+            raise SetupStageFailed("doctor", "fp8-compute asked for, but this machine can only do FP8 storage "
                               f"({report.by_name('fp8 compute').value})",
                               fix="use --precision auto or fp8-storage, or run on an Ada/Hopper GPU")
         if blocking:
-            raise StageFailed("doctor", "; ".join(f"{c.name}: {c.value}" for c in blocking),
+            raise SetupStageFailed("doctor", "; ".join(f"{c.name}: {c.value}" for c in blocking),
                               fix=" / ".join(c.fix for c in blocking))
         warns = sum(c.status == "warn" for c in report.checks)
         return "ok", f"{len(report.checks)} checks, {warns} warnings; FP8 here: {fp8_mode_available(facts)}"
@@ -303,11 +295,11 @@ class _Run:
             try:
                 read_safetensors_header(path)
             except ValueError as exc:
-                raise StageFailed("verify", f"{path.name}: {exc}", fix="download the file again") from exc
+                raise SetupStageFailed("verify", f"{path.name}: {exc}", fix="download the file again") from exc
             return {path.name: sha256_file(path)}
         report = verify_model(path, VerifyConfig(check_hashes=False))  # structure + headers: cheap
         if not report.ok:
-            raise StageFailed("verify", "; ".join(f"{p.file}: {p.what}" for p in report.problems),
+            raise SetupStageFailed("verify", "; ".join(f"{p.file}: {p.what}" for p in report.problems),
                               fix=f"{report.problems[0].fix}; then run the same `sd35fp8 setup` again")
         expected = lfs_oids(path)
         if (path / MANIFEST_NAME).is_file():
@@ -320,7 +312,7 @@ class _Run:
             unchanged = verified_before.get(rel) == fp and rel in known
             hashes[rel] = known[rel] if unchanged else sha256_file(path / rel)
             if rel in expected and hashes[rel] != expected[rel]:
-                raise StageFailed("verify", f"{rel}: sha256 {hashes[rel][:12]}… differs from the expected "
+                raise SetupStageFailed("verify", f"{rel}: sha256 {hashes[rel][:12]}… differs from the expected "
                                   f"{expected[rel][:12]}… (corrupt or changed)",
                                   fix=f"delete {path / rel} and run the same `sd35fp8 setup` again "
                                       "(it fetches the file again)")
@@ -400,7 +392,7 @@ def run_setup(config: SetupConfig, *, echo: Callable[[str], None] = print) -> Se
     """
     try:
         run = _Run(config, echo)
-    except StageFailed as exc:  # the model spec itself is unusable: report it as the doctor stage
+    except SetupStageFailed as exc:  # the model spec itself is unusable: report it as the doctor stage
         failed = StageResult("doctor", "failed", str(exc).split("\n  fix: ")[0], fix=exc.fix)
         echo(failed.line(1))
         return SetupResult(config, "local", [failed])
@@ -432,7 +424,7 @@ def _git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
     out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
                          env={**os.environ, **(env or {})})
     if out.returncode:
-        raise StageFailed("fetch", f"git {' '.join(args)}: {out.stderr.strip()}",
+        raise SetupStageFailed("fetch", f"git {' '.join(args)}: {out.stderr.strip()}",
                           fix=f"inspect the clone with `git -C {repo} status`")
     return out.stdout
 

@@ -10,8 +10,8 @@ The prediction has two parts:
   (or the tile, when tiling), each text encoder's is a constant per prompt.
 
 Each strategy then combines them the way diffusers places weights: all resident (sum of weights + the
-largest stage), model offload (the largest component + its stage), group offload (non-block weights + two
-blocks in flight + the stage), sequential offload (the largest single layer + the stage).
+largest stage), model offload (the largest component + its stage), group offload (non-block weights in bf16 +
+one block + the stage), sequential offload (the largest single layer + the stage).
 
 ``sd35fp8 plan --vram 12 --preset large`` ranks every strategy, marks what fits with a safety margin, and
 recommends the fastest that keeps image quality.
@@ -147,8 +147,27 @@ PRIOR_CALIBRATION = Calibration(
     encoder_act={"clip_l": 0.02 * GIB, "clip_g": 0.05 * GIB, "t5": 0.2 * GIB},
     cuda_context=0.5 * GIB, host_baseline=1.0 * GIB,
 )
-CALIBRATION = PRIOR_CALIBRATION
-"""The calibration in use (replaced by the GPU run's numbers; see docs/benchmarks.md ## Memory)."""
+# Measured by sd35fp8_helpers/memory_bench.py on the GPU machine (docs/benchmarks.md, ## Memory).
+# host_baseline: RSS after building Large (first preset of the process); seconds: 1024², 28 steps (extrapolated).
+CALIBRATION = Calibration(
+    device='NVIDIA H100 80GB HBM3',
+    date='2026-11-24',
+    versions={'torch': '2.11.0+cu130', 'diffusers': '0.42.1', 'transformers': '5.17.0', 'torchao': '0.18.0'},
+    command='python3 -m sd35fp8_helpers.memory_bench --steps 4 --out docs/benchmarks/memory.json',
+    transformer_act_base={'large': -28806485, 'medium': -21991424},
+    transformer_act_per_token={'large': 62890.7, 'medium': 43008.0},
+    vae_decode_base=2097152.0,
+    vae_decode_per_pixel=2432.0,
+    encoder_act={'clip_l': 40753152, 'clip_g': 16685056, 't5': 142639616},
+    cuda_context=728563712.0,
+    host_baseline=2039574528.0,
+    seconds_per_image={
+        'large': {'resident': 5.62, 'fp8': 6.92, 'fp8_no_t5': 6.87, 'fp8_model_offload': 14.71,
+                  'fp8_group_offload': 94.67, 'fp8_group_offload_tiled': 91.66, 'fp8_sequential_offload_tiled': 60.76},
+        'medium': {'resident': 2.85, 'fp8': 3.13, 'fp8_no_t5': 3.19, 'fp8_model_offload': 7.97,
+                   'fp8_group_offload': 43.91, 'fp8_group_offload_tiled': 57.05, 'fp8_sequential_offload_tiled': 34.34}},
+)
+"""The calibration in use: activation terms measured on the GPU machine (provenance in its fields)."""
 
 
 @dataclass(frozen=True)
@@ -207,13 +226,14 @@ def predict(preset: str, strategy: str | Strategy, height: int = 1024, width: in
             # the negative prompt is encoded after the positive one: CLIP is on the GPU again while T5
             # still is (accelerate offloads a component only when the *next* one in the chain starts)
             "model": lambda k: w[k] + (w["t5"] if cfg == 2 and k in ("clip_l", "clip_g") and "t5" in w else 0),
-            "group": lambda k: _bytes_per_element(w, arch, k) * (arch[k].elements - arch[k].block_elements
-                                                                 + 2 * arch[k].max_block),
+            # outside the blocks: embeddings, pos-embed table, norms — FP8 leaves them bf16 (2 bytes)
+            "group": lambda k: (2 * (arch[k].elements - arch[k].block_elements)
+                                + _bytes_per_element(w, arch, k) * arch[k].max_block),
         }[s.offload]
         stages = {k: int(resident(k) + act[k]) for k in arch}
     peak = max(stages.values())
     stage_peaks = {"weights": int(sum(w.values())), **stages}  # all weights, wherever they rest
-    offloaded = 0 if s.offload == "none" else sum(w.values()) * (2 if s.offload == "group" else 1)
+    offloaded = 0 if s.offload == "none" else sum(w.values())
     speed, seconds = _speed(preset, s, cal)
     return Prediction(preset, s.name, s.description, height, width, batch, peak, stage_peaks,
                       int(cal.host_baseline + offloaded), int(peak * (1 + margin) + cal.cuda_context), speed,

@@ -37,6 +37,7 @@ from typing import Any
 
 from .display import human_bytes, images_dir
 from .errors import Sd35fp8Error, UnsupportedEnvironment
+from .quality import psnr
 from .generation import (GenerationResult, GenerationSettings, StepCallback, generate, pipeline_limits,
                          read_png_metadata)
 
@@ -110,17 +111,6 @@ def _peak(report) -> PeakMemory:
     if report.gpu_peak_allocated is not None:
         return PeakMemory(report.gpu_peak_allocated, "CUDA max_memory_allocated")
     return PeakMemory(report.host_peak_rss, "process peak RSS")
-
-
-def psnr(a, b) -> float:
-    """Peak signal-to-noise ratio of two 8-bit images in dB (``inf`` when identical).
-
-    Above ~40 dB differences are invisible; FP8 storage of SD3.5 weights typically lands there.
-    """
-    import numpy as np
-
-    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
 def difference_heatmap(a, b, cmap: str = "inferno"):
@@ -431,8 +421,7 @@ class Playground:
             pipe.vae.use_tiling = tiling
         peak = _peak(report)
         self.progress.bar_style = "success" if self.progress.value == self.progress.max else ""
-        result.extra.update(memory=memory, compute_dtype=str(self.pipe.transformer.dtype).replace("torch.", ""),
-                            peak_memory={"bytes": peak.bytes, "kind": peak.kind})
+        result.extra.update(memory=memory, peak_memory={"bytes": peak.bytes, "kind": peak.kind})
         path = result.save(self.out / f"{time.strftime('%Y%m%d-%H%M%S')}_{len(self.history) + 1:03d}_"
                                       f"seed{settings.seed}_{precision}.png")
         entry = PlaygroundEntry(result, path, peak)
@@ -454,7 +443,7 @@ class Playground:
     def _show_pair(self, bf16: PlaygroundEntry, fp8: PlaygroundEntry) -> None:
         a, b = bf16.result.image, fp8.result.image
         heat, largest = difference_heatmap(a, b)
-        db = psnr(a, b)
+        db = psnr(a, b, peak=255.0)
         self.last_psnr, self.last_comparison = db, side_by_side([a, b, heat])
         for img, cap, pic, text in zip(self.compare_images, self.compare_captions, (a, b, heat), (
                 PRECISIONS["bf16"], PRECISIONS[fp8.precision], f"|difference|, scaled to its max ({largest:.0f}/255)")):

@@ -37,6 +37,7 @@ import base64
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import io
 import json
 import logging
@@ -162,33 +163,19 @@ class ImageEngine:
                 raise JobCancelled()
 
         precision = precision or self.precision
-        label = None if precision == "bf16" else precision  # None: generate() names the dtype (float32 on CPU)
         with self._lock:
             pipe = self.pipeline(precision)
             results = []
             for s in settings:
-                on_step(0, s.steps)
-                results.append(generate(pipe, s, on_step=on_step, progress=False, precision=label))
-            return results
+                on_step(0, s.steps)  # a job cancelled between two images stops here
+                results.append(generate(pipe, s, on_step=on_step, progress=False, precision=precision))
+            return results  # PNG metadata names the precision key, as `sd35fp8 generate` does
 
 
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise Sd35fp8Error(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}",
                            fix="use --precision bf16 (as loaded), fp8-storage or fp8-compute")
-
-
-def png_bytes(result: GenerationResult) -> bytes:
-    """The image as PNG bytes carrying the same metadata as :meth:`GenerationResult.save` (reproducible)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from .generation import PNG_METADATA_KEY
-
-    info = PngInfo()
-    info.add_text(PNG_METADATA_KEY, json.dumps(result.metadata(), sort_keys=True))
-    buf = io.BytesIO()
-    result.image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
 
 
 # --- configuration, jobs, the worker -----------------------------------------------------------------------
@@ -249,11 +236,11 @@ class ImageService:
     worker loads the pipeline first (``ready`` turns True), then takes jobs one at a time.
     """
 
-    def __init__(self, engine: ImageEngine, config: ServeConfig, metrics: "Metrics | None" = None,
+    def __init__(self, engine: ImageEngine, config: ServeConfig, *,
                  on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
         self.config = config
-        self.metrics = metrics
+        self.metrics: Metrics | None = None  # set by create_app (the gauges read this service)
         self.on_fatal = on_fatal
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=config.queue_size)
         self.ready = False
@@ -342,7 +329,7 @@ def _is_oom(exc: BaseException) -> bool:
 class Metrics:
     """The Prometheus series, in a registry of their own (two apps in one process never collide)."""
 
-    def __init__(self, service_queue: Callable[[], int], service_running: Callable[[], int]) -> None:
+    def __init__(self, service: "ImageService") -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
         self.registry = CollectorRegistry()
@@ -355,9 +342,9 @@ class Metrics:
                               registry=self.registry)
         queue_depth = Gauge("sd35fp8_queue_depth", "Jobs waiting for the worker (the running one excluded)",
                             registry=self.registry)
-        queue_depth.set_function(service_queue)
+        queue_depth.set_function(service.queue.qsize)
         running = Gauge("sd35fp8_jobs_running", "Jobs the worker is generating now (0 or 1)", registry=self.registry)
-        running.set_function(service_running)
+        running.set_function(lambda: int(service.running is not None))
         import torch
 
         if torch.cuda.is_available():
@@ -418,10 +405,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-_FIELDS = ("prompt", "model", "n", "size", "response_format", "seed", "steps", "guidance_scale",
-           "negative_prompt", "user")
-
-
+@functools.lru_cache(maxsize=1)
 def _request_model():
     """The request body schema (pydantic checks types; the rules live in :func:`parse_request`)."""
     from pydantic import BaseModel, ConfigDict
@@ -459,7 +443,8 @@ def parse_request(raw: bytes, engine: ImageEngine) -> list[GenerationSettings]:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         if err["type"] == "extra_forbidden":
-            raise ApiError(400, f"unknown field {param!r}; this server takes: {', '.join(_FIELDS)}",
+            raise ApiError(400, f"unknown field {param!r}; this server takes: "
+                                f"{', '.join(_request_model().model_fields)}",
                            param=param, code="unknown_parameter") from None
         raise ApiError(400, f"{param}: {err['msg']}", param=param, code="invalid_type") from None
     if req.model not in (None, engine.model):
@@ -500,12 +485,9 @@ def parse_request(raw: bytes, engine: ImageEngine) -> list[GenerationSettings]:
     return settings
 
 
-def _error_for(exc: BaseException, job: Job) -> ApiError:
+def _error_for(exc: BaseException) -> ApiError:
     """What the worker's exception means to the client."""
     if isinstance(exc, JobCancelled):
-        if job.reason == "deadline":
-            return ApiError(504, "the request took longer than the server's --timeout and was cancelled",
-                            type="server_error", code="timeout")
         return ApiError(503, "the server is stopping; the request was cancelled", type="server_error",
                         code="cancelled", retry_after=5)
     if _is_oom(exc):
@@ -576,9 +558,8 @@ def create_app(config: ServeConfig, keys, *, engine: ImageEngine | None = None,
 
     engine = engine or ImageEngine(config.model, precision=config.precision, device=config.device,
                                    memory_strategy=config.memory_strategy)
-    holder: dict[str, ImageService] = {}  # the gauges read the service, which needs the metrics: break the cycle
-    metrics = Metrics(lambda: holder["service"].queue.qsize(), lambda: int(holder["service"].running is not None))
-    service = holder["service"] = ImageService(engine, config, metrics, on_fatal)
+    service = ImageService(engine, config, on_fatal=on_fatal)
+    metrics = service.metrics = Metrics(service)
     limiter = RateLimiter(config.rate_per_min, config.burst)
 
     @contextlib.asynccontextmanager
@@ -647,9 +628,10 @@ def create_app(config: ServeConfig, keys, *, engine: ImageEngine | None = None,
         if not service.ready:
             raise ApiError(503, "the model is still loading (see GET /readyz)", type="server_error",
                            code="not_ready", retry_after=5)
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="body_too_large")
-        settings = parse_request(await request.body(), engine)
+        settings = parse_request(raw, engine)
         job = Job(settings, request.state.request_id, label)
         try:
             service.submit(job)
@@ -662,7 +644,7 @@ def create_app(config: ServeConfig, keys, *, engine: ImageEngine | None = None,
             metrics.errors.labels("client_disconnected").inc()
             return Response(status_code=499)
         return {"created": int(time.time()),
-                "data": [{"b64_json": base64.b64encode(png_bytes(r)).decode(), "seed": r.settings.seed}
+                "data": [{"b64_json": base64.b64encode(r.png_bytes()).decode(), "seed": r.settings.seed}
                          for r in results]}
 
     return app
@@ -671,6 +653,7 @@ def create_app(config: ServeConfig, keys, *, engine: ImageEngine | None = None,
 async def _wait(job: Job, request, timeout_s: float) -> list[GenerationResult] | None:
     """The job's results; cancels it (and returns None) when the client disconnects; 504 past the deadline."""
     future = asyncio.wrap_future(job.future)
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waiting is not an error
     deadline = time.monotonic() + timeout_s
     while True:
         done, _ = await asyncio.wait({future}, timeout=_POLL_S)
@@ -678,15 +661,15 @@ async def _wait(job: Job, request, timeout_s: float) -> list[GenerationResult] |
             try:
                 return future.result()
             except BaseException as exc:  # noqa: BLE001 - mapped to an answer
-                raise _error_for(exc, job) from None
+                raise _error_for(exc) from None
         if await request.is_disconnected():
-            job.cancel("client_disconnected")
+            job.cancel("client_disconnected")  # the step callback ends it within one step
             _log("client_disconnected", cancelled=True)
-            with contextlib.suppress(BaseException):
-                await future  # the step callback stops it within one step; wait so the slot is free
             return None
         if time.monotonic() > deadline:
             job.cancel("deadline")
+            raise ApiError(504, f"the request took longer than the server's --timeout ({timeout_s:g} s) and was "
+                                "cancelled", type="server_error", code="timeout")
 
 
 # --- running it ----------------------------------------------------------------------------------------------

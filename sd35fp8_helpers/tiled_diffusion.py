@@ -23,8 +23,11 @@ Upscale-refine (:func:`upscale_refine`, the "Ultimate SD Upscale" idea)
     — the same windowed loop, started from the noised latents of the upscaled image, with the scheduler
     schedule of ``StableDiffusion3Img2ImgPipeline(**pipe.components)`` (no second copy of the weights).
 
-Example:
-    >>> result = generate_tiled(pipe, GenerationSettings("a harbour at dusk", height=384, width=512))
+Example (384 × 512 px: beyond the tiny model's 256-px single pass):
+    >>> from sd35fp8_helpers import load_pipeline
+    >>> pipe = load_pipeline("tiny", device="cpu")
+    >>> settings = GenerationSettings("a harbour at dusk", height=384, width=512)
+    >>> result = generate_tiled(pipe, settings, TiledDiffusionConfig(vae=TileConfig(progress=False)), progress=False)
     >>> result.image.size, result.extra["tiled"]["windows"]
     ((512, 384), 20)
 """
@@ -201,9 +204,13 @@ def upscale_refine(pipe, image: Any, settings: GenerationSettings, *, strength: 
     ``strength`` window by window: ``round(steps × strength)`` steps are run.
 
     Example:
-        >>> small = generate(pipe, GenerationSettings("a lighthouse", height=128, width=128)).image
-        >>> upscale_refine(pipe, small, GenerationSettings("a lighthouse", height=384, width=384)).image.size
-        (384, 384)
+        >>> from sd35fp8_helpers import generate, load_pipeline
+        >>> pipe = load_pipeline("tiny", device="cpu")
+        >>> small = generate(pipe, GenerationSettings("a lighthouse", height=128, width=128), progress=False).image
+        >>> quiet = TiledDiffusionConfig(vae=TileConfig(progress=False))
+        >>> upscale_refine(pipe, small, GenerationSettings("a lighthouse", height=256, width=256), config=quiet,
+        ...                progress=False).image.size
+        (256, 256)
     """
     import torch
     from diffusers import StableDiffusion3Img2ImgPipeline

@@ -27,17 +27,25 @@ What :func:`decode_tiled` does instead (the idea of the A1111 "Tiled Diffusion &
 
 Memory: one tile's activations (:func:`activation_bytes_per_px` × tile area) + the mid block on the whole
 latent (about 4 × 512 channels × H/8 × W/8 values: 1 GiB at 4096² in bf16) + the output image. The price:
-every GroupNorm is a barrier, so activations travel to the CPU and back ~25 times per decode.
+every GroupNorm is a barrier, so activations travel to the CPU and back ~25 times per decode. Measured on an
+H100 (docs/benchmarks.md): 4096² in 1.61 GiB and 31.5 s with 2.2 % error vs untiled, where untiled needs
+38.2 GiB / 5.7 s and diffusers' tiling 2.73 GiB / 3.5 s with 4.9 % error (9.4 % at our 512-px tile size).
 
-Example:
-    >>> from sd35fp8_helpers.tiling import TileConfig, decode_tiled
-    >>> image = decode_tiled(pipe.vae, latents, TileConfig(tile_px=512))   # like pipe.vae.decode(latents).sample
+Example (like ``pipe.vae.decode(latents).sample``, at any size):
+    >>> import torch
+    >>> from sd35fp8_helpers import load_pipeline
+    >>> pipe = load_pipeline("tiny", device="cpu")
+    >>> latents = torch.randn(1, 16, 40, 56)                      # a 320 × 448 px image
+    >>> decode_tiled(pipe.vae, latents, TileConfig(tile_px=256, progress=False)).shape
+    torch.Size([1, 3, 320, 448])
+    >>> str(plan_tiles(pipe.vae, 320, 448, TileConfig(tile_px=256)))
+    '20 tiles (4 × 5) of up to 256 px over 320 × 448 px'
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Generator, Literal
 
 from .errors import InvalidTilingInput
@@ -82,7 +90,7 @@ class TileConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        fix = "use e.g. TileConfig(tile_px=512, overlap_px=32, pad_px=32)"
+        fix = "use e.g. TileConfig(tile_px=512, overlap_px=32, pad_px=64) (the defaults, with a tile size)"
         if self.tile_px is not None and (not isinstance(self.tile_px, int) or self.tile_px < 8 or self.tile_px % 8):
             raise InvalidTilingInput("tile_px", self.tile_px, "must be a positive multiple of 8 px (one latent)",
                                      fix=fix)
@@ -196,10 +204,7 @@ def decode_tiled(vae, latents, config: TileConfig = TileConfig()):
     ``latents`` are what ``vae.decode`` takes (for SD3: ``latents / scaling_factor + shift_factor``). The
     result has the VAE's dtype and device, shape ``(B, 3, 8·h, 8·w)``, values about in [-1, 1].
 
-    Example:
-        >>> image = decode_tiled(pipe.vae, latents, TileConfig(tile_px=256, progress=False))
-        >>> image.shape[-2:] == (latents.shape[-2] * 8, latents.shape[-1] * 8)
-        True
+    Example: see the module docstring.
     """
     import torch
 
@@ -319,7 +324,6 @@ class _TileRun:
     scale: int  # pixels per latent at the current stage (decode: 1 → 8; encode: 8 → 1)
     sync: bool
     offload: bool = False
-    parked: list = field(default_factory=list)
 
     def core_view(self, x):
         (cy0, cy1, cx0, cx1), (ry0, _, rx0, _) = self.tile.core, self.tile.region
@@ -361,7 +365,7 @@ def _park(t):
 
 def _run_tiles(plan: TilePlan, source, in_scale: int, tile_fn: Callable, config: TileConfig,
                out_channels: int, barriers: int, desc: str):
-    """Run ``tile_fn(region_of_source, run)`` generators in lock-step; blend their outputs into one canvas."""
+    """Run ``tile_fn([region of source], run)`` generators in lock-step; blend their outputs into one canvas."""
     import torch
     from tqdm.auto import tqdm
 

@@ -28,7 +28,7 @@ def test_demo_page_builds_and_its_button_returns_an_image(engine):
     assert {"prompt", "seed", "steps", "size", "precision", "image"} <= labels
     image, info = page.sd35fp8_generate("a red fox", 3, 2, "64×64 (square)", "bf16")
     assert image.size == (64, 64)
-    assert info.startswith("64×64, 2 steps, seed 3, float32 on cpu")
+    assert info.startswith("64×64, 2 steps, seed 3, bf16 on cpu")  # the precision key, as `generate` writes it
 
 
 def test_demo_fp8_storage_uses_its_own_pipeline(engine):

@@ -153,3 +153,14 @@ def test_cli_quantize_writes_a_loadable_fp8_folder(cli, tmp_path):
     assert manifest["policy"] == "hybrid" and set(manifest["layers"]) == {"transformer"}
     bad = cli("quantize", "tiny", str(tmp_path / "r"), "--policy", "everything")
     assert bad.returncode == 2 and "invalid choice: 'everything'" in bad.stderr
+
+
+def test_real_size_fp8_bytes_meet_the_targets():
+    from sd35fp8_helpers.bench import real_size_bytes
+
+    sizes = real_size_bytes("large")  # exact byte counts on the meta device: no memory needed
+    large = sizes["transformer all-linear"]
+    assert large["bf16_gib"] > 15 and large["fp8_gib"] <= 8.0
+    assert sizes["transformer diffusers-default"]["fp8_gib"] > 10  # its "norm" skip keeps AdaLN bf16
+    t5 = sizes["text_encoder_3 (T5-XXL)"]
+    assert t5["bf16_gib"] > 8.8 and t5["fp8_gib"] <= 4.7 and t5["layers"] == 24 * 7

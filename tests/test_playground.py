@@ -231,8 +231,8 @@ def test_compare_mode_renders_bf16_and_fp8_with_psnr_and_heatmap(make_playground
 
 def test_psnr_and_heatmap_on_known_images():
     black, white = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)
-    assert psnr(black, black) == math.inf and psnr(black, white) == 0.0
-    assert psnr(black, np.full((4, 4, 3), 1, np.uint8)) == pytest.approx(48.13, abs=0.01)
+    assert psnr(black, black, peak=255.0) == math.inf and psnr(black, white, peak=255.0) == 0.0
+    assert psnr(black, np.full((4, 4, 3), 1, np.uint8), peak=255.0) == pytest.approx(48.13, abs=0.01)
     heat, largest = difference_heatmap(black, black)
     assert largest == 0 and np.asarray(heat).shape == (4, 4, 3)
     heat, largest = difference_heatmap(black, white)

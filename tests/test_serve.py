@@ -9,9 +9,12 @@ that no API key and no prompt appear in it.
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
 import json
 import os
 import re
+import socket
 import statistics
 import threading
 import time
@@ -251,7 +254,7 @@ def test_load_200_requests_16_clients(server):
 # --- queue, rate limit, disconnect (the busy server: queue of 1, 4 requests a minute per key) ----------------
 
 def test_queue_full_is_an_immediate_429_and_accepted_requests_are_answered(busy):
-    slow = {"prompt": _prompt("slow"), "size": "128x128", "steps": 30}
+    slow = {"prompt": _prompt("slow"), "size": "256x256", "steps": MAX_STEPS, "n": 2}  # a second or more each
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(httpx.post, f"{busy.url}{ROUTE}", headers=_auth("queue1"), json=slow, timeout=120)
         assert _wait_for(lambda: _metric(busy.url, "sd35fp8_jobs_running") == 1)
@@ -277,9 +280,12 @@ def test_rate_limit_is_429_with_retry_after_per_key(busy):
 
 def test_client_that_disconnects_has_its_job_cancelled(busy):
     images = _metric(busy.url, "sd35fp8_images_generated_total")
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s and closes the connection
-        httpx.post(f"{busy.url}{ROUTE}", headers=_auth("gone"), timeout=1.0,
-                   json={"prompt": _prompt("never finished"), "size": "256x256", "steps": MAX_STEPS})
+    body = json.dumps({"prompt": _prompt("never finished"), "size": "256x256", "steps": MAX_STEPS, "n": MAX_IMAGES})
+    host, port = busy.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:  # a client that will hang up
+        sock.sendall(f"POST {ROUTE} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEYS['gone']}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        assert _wait_for(lambda: _metric(busy.url, "sd35fp8_jobs_running") == 1)
     assert _wait_for(lambda: _metric(busy.url, "sd35fp8_errors_total", '{kind="client_disconnected"}') == 1)
     assert _wait_for(lambda: _metric(busy.url, "sd35fp8_jobs_running") == 0)
     assert any(e.get("event") == "job_failed" and e.get("error_type") == "JobCancelled"
@@ -289,12 +295,55 @@ def test_client_that_disconnects_has_its_job_cancelled(busy):
 
 # --- without HTTP: OOM, keys, limits, start-up failures ------------------------------------------------------
 
-def test_out_of_memory_in_one_job_is_a_503_and_the_worker_keeps_serving(tiny_model_dir):
+@pytest.fixture(scope="module")
+def own_pipe(tiny_model_dir):
+    """A tiny pipeline of this module's own (the OOM test hooks it)."""
     from sd35fp8_helpers import load_pipeline
+
+    return load_pipeline(str(tiny_model_dir), device="cpu")
+
+
+@contextlib.contextmanager
+def _in_process_server(config: ServeConfig, pipe):
+    """The same app under uvicorn in a thread of this process (its records reach ``caplog``)."""
+    import uvicorn
+
+    from sd35fp8_helpers.serve import create_app
+    from sd35fp8_helpers.serve_client import free_port
+
+    port = free_port()
+    app = create_app(config, KeyStore([]), engine=ImageEngine("tiny", pipe=pipe))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert _wait_for(lambda: server.started and httpx.get(f"{url}/readyz").status_code == 200)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_request_past_its_deadline_is_cancelled_with_504_and_prompts_are_logged_only_when_asked(own_pipe, caplog):
+    caplog.set_level(logging.INFO, logger="sd35fp8.serve")
+    with _in_process_server(ServeConfig(timeout_s=0.5, require_auth=False, log_prompts=True), own_pipe) as url:
+        r = httpx.post(f"{url}{ROUTE}", json={"prompt": "slow", "size": "256x256", "steps": MAX_STEPS}, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert "longer than the server's --timeout (0.5 s) and was cancelled" in r.json()["error"]["message"]
+        assert httpx.post(f"{url}{ROUTE}", json={"prompt": "quick fox", "size": "64x64", "steps": 1},
+                          timeout=60).status_code == 200
+    fields = [getattr(rec, "fields", {}) for rec in caplog.records]
+    assert {"error_type": "JobCancelled", "reason": "deadline"}.items() <= next(
+        f for f in fields if f.get("reason")).items()
+    assert any(f.get("prompt") == "quick fox" for f in fields)  # --log-prompts: the one case prompts are logged
+
+
+def test_out_of_memory_in_one_job_is_a_503_and_the_worker_keeps_serving(own_pipe):
     from sd35fp8_helpers.generation import GenerationSettings
     from sd35fp8_helpers.memory import emulated_card
 
-    pipe = load_pipeline(str(tiny_model_dir), device="cpu")
+    pipe = own_pipe
     service = ImageService(ImageEngine("tiny", pipe=pipe), ServeConfig(queue_size=2))
     service.start()
     try:
@@ -303,7 +352,7 @@ def test_out_of_memory_in_one_job_is_a_503_and_the_worker_keeps_serving(tiny_mod
             job = Job(settings, "r1", "k")
             service.submit(job)
             exc = job.future.exception(timeout=60)
-        error = _error_for(exc, job)
+        error = _error_for(exc)
         assert (error.status, error.code, error.headers["Retry-After"]) == (503, "out_of_memory", "5")
         assert "the server freed memory and keeps serving" in error.message
         job = Job(settings, "r2", "k")
@@ -321,6 +370,10 @@ def test_keys_are_hashed_and_identified_in_constant_time_shape(tmp_path):
     (tmp_path / "keys.txt").write_text(f"# team keys\n{line}\n")
     store = KeyStore.load(tmp_path / "keys.txt", f"plain-env-key, {hash_api_key('k2', 'bob').line()}")
     assert [store.identify(k) for k in (key, "plain-env-key", "k2", "nope", None)] == ["alice", "env-0", "bob", None, None]
+    from sd35fp8_helpers.constants import Settings
+
+    env = Settings.from_env({"SD35FP8_API_KEYS": "plain-env-key"})
+    assert env.api_keys == "plain-env-key" and "plain-env-key" not in repr(env)
     assert [bearer_token(h) for h in ("Bearer abc", "bearer abc", "Basic abc", "Bearer ", None)] == ["abc", "abc", None, None, None]
 
 
