@@ -453,8 +453,11 @@ def quantize_(pipe, config: FP8Config | None = None) -> FP8Report:
     Text encoders (T5 by default, CLIPs optionally) always use storage: they run once per prompt.
 
     Example:
-        >>> quantize_(pipe, FP8Config(mode="storage", policy="hybrid")).policy
-        'hybrid'
+        >>> from sd35fp8_helpers import load_pipeline
+        >>> pipe = load_pipeline("tiny", device="cpu")
+        >>> report = quantize_(pipe, FP8Config(mode="storage", policy="hybrid"))
+        >>> report.mode, report.policy
+        ('storage', 'hybrid')
     """
     config = config or FP8Config()
     transformer = getattr(pipe, "transformer", pipe)

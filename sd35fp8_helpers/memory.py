@@ -199,35 +199,14 @@ def current_strategy(pipe) -> Strategy:
 # --- levers ---------------------------------------------------------------------------------------------
 
 def apply_fp8_storage(pipe) -> str:
-    """FP8 storage for the transformer (all-linear policy) and T5; returns a one-line description.
-
-    Uses :func:`sd35fp8_helpers.fp8.quantize_` (scaled FP8, per-row scales). Where that module is absent,
-    falls back to diffusers' ``enable_layerwise_casting`` (unscaled float8 storage, upcast per layer).
-    """
-    try:
-        from .fp8 import FP8Config, quantize_
-    except ImportError:
-        return _layerwise_casting_fp8(pipe)
-    report = quantize_(pipe, FP8Config(mode="storage", policy="all-linear", text_encoder_3=True))
+    """FP8 storage for the transformer (all-linear policy) and T5, with :func:`sd35fp8_helpers.fp8.quantize_`
+    (scaled FP8, per-row scales, upcast per layer); returns a one-line description."""
     from .display import human_bytes
+    from .fp8 import FP8Config, quantize_
 
+    report = quantize_(pipe, FP8Config(mode="storage", policy="all-linear", text_encoder_3=True))
     return (f"FP8 storage (sd35fp8.fp8, all-linear): {human_bytes(report.bytes_before)} → "
             f"{human_bytes(report.bytes_after)} of weights")
-
-
-def _layerwise_casting_fp8(pipe) -> str:
-    import torch
-    from diffusers.hooks.layerwise_casting import apply_layerwise_casting, apply_layerwise_casting_hook
-
-    compute = pipe.transformer.dtype
-    apply_layerwise_casting(pipe.transformer, torch.float8_e4m3fn, compute, skip_modules_pattern=("pos_embed",))
-    if pipe.text_encoder_3 is not None:  # whole attention/FF modules: T5's FF casts to wo.weight.dtype
-        from transformers.models.t5.modeling_t5 import T5Attention, T5DenseGatedActDense
-
-        for m in pipe.text_encoder_3.modules():
-            if isinstance(m, (T5Attention, T5DenseGatedActDense)):
-                apply_layerwise_casting_hook(m, torch.float8_e4m3fn, compute, False)
-    return "FP8 storage (diffusers layerwise casting fallback: sd35fp8.fp8 not installed)"
 
 
 def _clear_offload(pipe) -> None:

@@ -113,16 +113,14 @@ def run_ladder(preset: str, pipe, cal, steps: int, log, device: str = "cuda", si
     from diffusers import StableDiffusion3Pipeline
 
     from .generation import GenerationSettings
-    from .memory import STRATEGIES, free_memory, generate_by_stage, misplaced_modules
+    from .memory import STRATEGIES, free_memory, generate_by_stage, get_strategy, misplaced_modules
     from .plan import predict
 
     rows = []
     settings = GenerationSettings("a photo of a red fox in the snow", steps=steps, height=side, width=side,
                                   guidance_scale=4.5)
     warm = replace(settings, steps=1)
-    for s in STRATEGIES:
-        if rungs and s.name not in rungs:
-            continue
+    for s in [get_strategy(name) for name in rungs] if rungs else STRATEGIES:  # NAME_tiled variants too
         target = pipe
         if s.drop_t5:
             target = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
@@ -314,17 +312,26 @@ def load_results(path: str | Path | None = None) -> dict:
     return json.loads(Path(path or BENCHMARK_JSON).read_text())
 
 
+def predicted_now_gib(row: dict) -> float:
+    """What today's predictor (committed calibration) says for a measured rung: the model may be newer than the run."""
+    from .plan import predict
+
+    return predict(row["preset"], row["strategy"]).gpu_peak / GIB
+
+
 def results_rows(results: dict) -> list[dict]:
-    """The ladder as table rows: predicted vs measured peak, s/step, s/image at 28 steps."""
+    """The ladder as table rows: predicted (today's model) vs measured peak, s/step, s/image at 28 steps."""
     rows = []
     for r in results["ladder"]:
         if "error" in r:
             rows.append({"preset": r["preset"], "strategy": r["strategy"], "measured peak GiB": "failed",
                          "note": r["error"][:120]})
             continue
+        now = predicted_now_gib(r)
         rows.append({"preset": r["preset"], "strategy": r["strategy"],
-                     "predicted peak GiB": f"{r['predicted_gib']:.2f}", "measured peak GiB": f"{r['measured_gib']:.2f}",
-                     "error": f"{r['error_pct']:+.1f}%", "s/step": f"{r['s_per_step']:.3f}",
+                     "predicted peak GiB": f"{now:.2f}", "measured peak GiB": f"{r['measured_gib']:.2f}",
+                     "error": f"{100 * (now - r['measured_gib']) / r['measured_gib']:+.1f}%",
+                     "predicted in that run": f"{r['predicted_gib']:.2f}", "s/step": f"{r['s_per_step']:.3f}",
                      "s/image (28 steps)": f"{r['s_per_image_28']:.1f}", "host peak GiB": f"{r['host_peak_gib']:.1f}"})
     return rows
 
@@ -339,7 +346,7 @@ def plot_results(results: dict):
         rows = [r for r in results["ladder"] if r["preset"] == preset and "error" not in r]
         names = [r["strategy"].replace("fp8_", "fp8\n").replace("_offload", "\noffload") for r in rows]
         ax.bar(names, [r["measured_gib"] for r in rows], color="tab:blue", label="measured peak GiB")
-        ax.scatter(names, [r["predicted_gib"] for r in rows], color="black", marker="_", s=400, label="predicted")
+        ax.scatter(names, [predicted_now_gib(r) for r in rows], color="black", marker="_", s=400, label="predicted")
         ax.set_ylabel("GPU peak (GiB)")
         ax.set_title(f"SD3.5 {preset}, 1024², {results['device']}", fontsize=9)
         twin = ax.twinx()
@@ -350,22 +357,6 @@ def plot_results(results: dict):
         ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     return fig
-
-
-def markdown_section(results: dict) -> str:
-    """The ``## Memory`` section of docs/benchmarks.md, from the results JSON."""
-    v = results["versions"]
-    head = [f"## Memory", "",
-            f"Device: {results['device']}; torch {v.get('torch')}, diffusers {v.get('diffusers')}, transformers "
-            f"{v.get('transformers')}, torchao {v.get('torchao', '—')}; date {results['date']}.",
-            f"Command: `{results['command']}` (results: `docs/benchmarks/memory.json`).",
-            f"Random weights at real size, 1024², CFG (guidance 4.5), FP8 = `fp8.quantize_` storage, all-linear. "
-            f"Each rung: one warm-up image, then one measured image of {results['steps_measured']} steps; s/step "
-            f"is the median steady-state step (after the first, which carries one-off transfers); s/image is "
-            f"that image + (28 − {results['steps_measured']}) × s/step, i.e. **extrapolated** to 28 steps. Peaks are "
-            f"`torch.cuda.max_memory_allocated` over the three stages; predictions come from "
-            f"`sd35fp8_helpers.plan.predict` with the calibration measured in the same run.", ""]
-    return "\n".join(head) + "\n" + summary_table(results) + "\n"
 
 
 def calibration_literal(results: dict) -> str:

@@ -37,7 +37,6 @@ TEXT_TOKENS = 77 + 256
 """Text tokens the SD3 transformer attends to: CLIP (77) + T5 (256, ``max_sequence_length``)."""
 DEFAULT_MARGIN = 0.10
 """Safety margin on the predicted allocator peak: fragmentation (reserved > allocated) and other processes."""
-DEFAULT_STEPS = 28
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,8 @@ PRIOR_CALIBRATION = Calibration(
     encoder_act={"clip_l": 0.02 * GIB, "clip_g": 0.05 * GIB, "t5": 0.2 * GIB},
     cuda_context=0.5 * GIB, host_baseline=1.0 * GIB,
 )
-# Measured by sd35fp8_helpers/memory_bench.py on the GPU machine (docs/benchmarks.md, ## Memory).
+# Measured by sd35fp8_helpers/memory_bench.py on the GPU machine (docs/benchmarks.md, ## Memory);
+# memory_bench.calibration_literal(results) prints this block from a new run's JSON.
 # host_baseline: RSS after building Large (first preset of the process); seconds: 1024², 28 steps (extrapolated).
 CALIBRATION = Calibration(
     device='NVIDIA H100 80GB HBM3',
@@ -226,9 +226,13 @@ def predict(preset: str, strategy: str | Strategy, height: int = 1024, width: in
             # the negative prompt is encoded after the positive one: CLIP is on the GPU again while T5
             # still is (accelerate offloads a component only when the *next* one in the chain starts)
             "model": lambda k: w[k] + (w["t5"] if cfg == 2 and k in ("clip_l", "clip_g") and "t5" in w else 0),
-            # outside the blocks: embeddings, pos-embed table, norms — FP8 leaves them bf16 (2 bytes)
+            # outside the blocks: embeddings, pos-embed table, norms — FP8 leaves them bf16 (2 bytes) — plus,
+            # for the transformer, a second, transient copy of the pos-embed table: measured on the H100 the
+            # tiled group-offload step exceeds the rest of this model by 0.18 GiB (Large) / 0.46 GiB (Medium),
+            # one bf16 table each (0.17 / 0.42 GiB). Invisible untiled: the VAE decode is the larger stage there.
             "group": lambda k: (2 * (arch[k].elements - arch[k].block_elements)
-                                + _bytes_per_element(w, arch, k) * arch[k].max_block),
+                                + _bytes_per_element(w, arch, k) * arch[k].max_block
+                                + (2 * _pos_embed_elements(preset) if k == "transformer" else 0)),
         }[s.offload]
         stages = {k: int(resident(k) + act[k]) for k in arch}
     peak = max(stages.values())
@@ -238,6 +242,14 @@ def predict(preset: str, strategy: str | Strategy, height: int = 1024, width: in
     return Prediction(preset, s.name, s.description, height, width, batch, peak, stage_peaks,
                       int(cal.host_baseline + offloaded), int(peak * (1 + margin) + cal.cuda_context), speed,
                       seconds, s.lossless, s.quality)
+
+
+def _pos_embed_elements(preset: str) -> int:
+    """Elements of SD3's sin-cos pos-embed table: (pos_embed_max_size)² × hidden size."""
+    from .presets import get_preset
+
+    t = get_preset(preset).transformer
+    return t["pos_embed_max_size"] ** 2 * t["num_attention_heads"] * t["attention_head_dim"]
 
 
 def _bytes_per_element(w: dict[str, int], arch: dict[str, ComponentStats], k: str) -> float:
@@ -378,6 +390,14 @@ def plan(vram_gib: float, preset: str = "large", height: int = 1024, width: int 
             note += (f" Faster but changes images: {fitting[0].strategy} ({fitting[0].quality}).")
         if not recommended.lossless:
             note += f" Only strategies that change images fit: {recommended.quality}."
+        faster = [r for r in rows if not r.fits and r.relative_speed > recommended.relative_speed]
+        if faster:  # say plainly what this card rules out, and what the next tier needs
+            nearest = min(faster, key=lambda r: r.card_needed)
+            note += (f"\nNOT POSSIBLE on {vram_gib:g} GiB: {len(faster)} faster strategies "
+                     f"({', '.join(r.strategy for r in faster)}). The nearest faster one, {nearest.strategy} "
+                     f"(relative speed {nearest.relative_speed:.2f}"
+                     + (f", ~{nearest.seconds_per_image:.0f} s/image" if nearest.seconds_per_image else "")
+                     + f"), needs a card of {nearest.card_needed / GIB:.1f} GiB.")
     return Plan(preset, vram_gib, ram_gib, height, width, batch, margin, rows, recommended, note,
                 f"{cal.device}, {cal.date}")
 

@@ -12,8 +12,8 @@ Design rules:
 
 * **Every image is reproducible.** Each result is saved as a PNG whose metadata carries the settings,
   the model, the precision and the memory strategy; "load settings from PNG" (or a click on a history
-  thumbnail) puts them back into the controls; Generate then renders the same pixels (and for BF16
-  images so does ``sd35fp8 generate --from-png FILE``, which does not apply precision or memory strategy).
+  thumbnail) puts them back into the controls; Generate then renders the same pixels, and so does
+  ``sd35fp8 generate --from-png FILE`` (which re-applies the precision and memory strategy).
 * **The user's pipeline is never changed.** FP8 precisions and CPU offload run on *other* pipelines,
   loaded lazily from the same weights and cached (one per precision and offload choice); VAE tiling is
   switched on only for the duration of one generation.

@@ -179,3 +179,34 @@ def test_plan_cli_bad_input_is_one_line_with_the_fix(cli):
     assert "sd35fp8 plan: error: vram=-4.0 must be a positive number of GiB fix: pass your card's memory" in out.stderr
     out = cli("plan", "--vram", "12", "--height", "1000")
     assert "height=1000 is not a multiple of 16; nearest valid: 992 or 1008" in out.stderr
+
+
+def test_emulated_card_needs_a_positive_budget(tiny_pipe):
+    with pytest.raises(InvalidPlanInput, match="budget=0 must be a positive number of bytes"):
+        with emulated_card(0, tiny_pipe):
+            pass
+
+
+def test_predictions_within_10_percent_of_every_committed_gpu_measurement():
+    """The planner against what the H100 measured (docs/benchmarks/memory*.json): every rung, Large and Medium."""
+    from sd35fp8_helpers.memory_bench import BENCHMARK_JSON, load_results, predicted_now_gib
+
+    rows = [r for path in sorted(BENCHMARK_JSON.parent.glob("memory*.json"))
+            for r in load_results(path)["ladder"] if "error" not in r]
+    assert {r["preset"] for r in rows} == {"large", "medium"} and len(rows) >= 14
+    misses = {f"{r['preset']}/{r['strategy']}": round(predicted_now_gib(r) / r["measured_gib"] - 1, 3)
+              for r in rows if abs(predicted_now_gib(r) / r["measured_gib"] - 1) > 0.10}
+    assert misses == {}
+
+
+def test_a_4_gib_card_for_large_says_what_is_impossible_and_what_the_next_tier_needs(cli):
+    from sd35fp8_helpers.plan import plan
+
+    result = plan(4, "large")
+    ruled_out = [r.strategy for r in result.rows if not r.fits]
+    assert "resident" in ruled_out and "fp8" in ruled_out and "fp8_model_offload" in ruled_out
+    assert f"NOT POSSIBLE on 4 GiB: {len(ruled_out)} faster strategies" in result.note
+    nearest = next(r for r in result.rows if r.strategy == "fp8_model_offload")
+    assert f"needs a card of {nearest.card_needed / 2**30:.1f} GiB" in result.note
+    out = cli("plan", "--vram", "4", "--preset", "large", "--height", "1024", "--width", "1024")
+    assert out.returncode == 0 and "NOT POSSIBLE on 4 GiB" in out.stdout
