@@ -30,6 +30,10 @@ _EXPORTS: dict[str, str] = {
     "settings": "constants",
     "quantize_": "fp8", "FP8Config": "fp8", "FP8Report": "fp8", "save_quantized": "fp8",
     "load_comfy_pipeline": "comfy", "quality_report": "quality", "run_bench": "bench",
+    "generate_with_fallback": "memory",
+    "decode_tiled": "tiling", "TileConfig": "tiling", "generate_tiled": "tiled_diffusion",
+    "Playground": "playground",
+    "run_setup": "onboarding", "SetupConfig": "onboarding", "build_report": "report",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -42,7 +46,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .generation import GenerationResult, GenerationSettings, generate, read_png_metadata, settings_from_png
     from .models import ModelSource, load_pipeline, resolve_model
     from .notebooks import run_all
+    from .memory import generate_with_fallback
+    from .onboarding import SetupConfig, run_setup
+    from .playground import Playground
     from .presets import PRESETS, get_preset, instantiate_transformer
+    from .report import build_report
+    from .tiled_diffusion import generate_tiled
+    from .tiling import TileConfig, decode_tiled
     from .quality import quality_report
     from .tiny import build_tiny_pipeline, save_tiny_model, tiny_model_path
 

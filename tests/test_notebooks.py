@@ -50,11 +50,17 @@ def test_every_output_is_explained(path):
     assert runs_of_code <= 3, "more than 3 code cells in a row without explanation"
 
 
+FAKE_TOKEN = "hf_sd35fp8NotebookFakeToken000111222333"
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_executes_under_papermill_with_injected_parameters(path, tiny_model_dir, tmp_path):
+def test_executes_under_papermill_with_injected_parameters(path, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)  # a configured token must never reach a saved notebook
     runs = run_all(model=str(tiny_model_dir), out=tmp_path, only=[path.name], echo=lambda _: None)
     assert [r.status for r in runs] == ["ok"], runs[0].error
+    saved = Path(runs[0].output).read_text()
+    assert FAKE_TOKEN not in saved and FAKE_TOKEN[3:15] not in saved
     executed = nbformat.read(runs[0].output, as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert injected and str(tiny_model_dir) in injected[0].source
