@@ -73,19 +73,10 @@ def bench_vae(preset: str, sizes: list[int], device: str, dtype, repeats: int,
         ref = None
 
         def untiled():
-            with torch.no_grad():
-                return vae.decode(z).sample
+            return _decode(vae, z)
 
         def diffusers_tiled(t):
-            def run():
-                vae.enable_tiling()
-                vae.tile_sample_min_size, vae.tile_latent_min_size = t, t // factor
-                try:
-                    with torch.no_grad():
-                        return vae.decode(z).sample
-                finally:
-                    vae.disable_tiling()
-            return run
+            return lambda: _decode(vae, z, diffusers_tile_px=t)
 
         ours_equal = TileConfig(tile_px=tile, progress=False)
         ours_budget = TileConfig(progress=False)
@@ -268,6 +259,23 @@ BENCH_JSON = "docs/benchmarks/tiling.json"
 """The committed GPU measurements (written by ``main --json``), relative to the repository root."""
 
 
+def _decode(vae, latents, *, diffusers_tile_px: int | None = None):
+    """``vae.decode`` untiled, or with diffusers' own tiling at ``diffusers_tile_px`` (switched off again after)."""
+    import torch
+
+    if diffusers_tile_px is None:
+        with torch.no_grad():
+            return vae.decode(latents).sample
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = diffusers_tile_px, diffusers_tile_px // factor
+    try:
+        with torch.no_grad():
+            return vae.decode(latents).sample
+    finally:
+        vae.disable_tiling()
+
+
 def compare_decoders(vae, latents, tile_px: int = 128) -> tuple[list[dict], dict[str, Any]]:
     """Decode the same latents untiled, with diffusers' tiling, ours and naive tiles at ``tile_px``.
 
@@ -286,17 +294,10 @@ def compare_decoders(vae, latents, tile_px: int = 128) -> tuple[list[dict], dict
                          [x + tile_px // 8 for x in range(stride, w, stride)])  # middle of each blend band
 
     def diffusers_tiled():
-        vae.enable_tiling()
-        vae.tile_sample_min_size, vae.tile_latent_min_size = tile_px, tile_px // factor
-        try:
-            with torch.no_grad():
-                return vae.decode(latents).sample
-        finally:
-            vae.disable_tiling()
+        return _decode(vae, latents, diffusers_tile_px=tile_px)
 
     def untiled():
-        with torch.no_grad():
-            return vae.decode(latents).sample
+        return _decode(vae, latents)
 
     variants = [("untiled", untiled, plan_tiles(vae, h, w, ours).borders_px),
                 (f"diffusers enable_tiling ({tile_px} px)", diffusers_tiled, diffusers_borders),

@@ -9,21 +9,12 @@ from sd35fp8_helpers.comfy import (SCALED_FP8_MARKER, TRANSFORMER_PREFIX, _diffu
                                    load_comfy_pipeline, save_comfy_checkpoint)
 from sd35fp8_helpers.errors import ComfyFormatError
 from sd35fp8_helpers.fp8 import is_fp8_storage
-
-
-def _latents(pipe) -> torch.Tensor:
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt="a red fox", num_inference_steps=2, height=128, width=128, output_type="latent",
-                generator=torch.Generator("cpu").manual_seed(0)).images
-
-
-def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+from latents import rel_error, tiny_latents
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_pipe):
-    return _latents(tiny_pipe)
+    return tiny_latents(tiny_pipe)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +59,9 @@ def test_transformer_only_file_loads_close_and_the_no_scales_control_is_far(comf
         assert layer.scale_weight == tr.transformer_blocks[0].attn.to_q.scale_weight
     assert hasattr(tr.transformer_blocks[0].attn.to_q, "scale_input")
     assert not is_fp8_storage(tr.proj_out)  # stored bf16 in the file, loaded as a plain Linear
-    assert _rel(_latents(pipe), reference) < 0.02
+    assert rel_error(tiny_latents(pipe), reference) < 0.02
     ignored = load_comfy_pipeline(comfy_files[0], base="tiny", device="cpu", dtype=torch.float32, ignore_scales=True)
-    assert _rel(_latents(ignored), reference) > 0.5  # what from_single_file does: far off, no error
+    assert rel_error(tiny_latents(ignored), reference) > 0.5  # what from_single_file does: far off, no error
 
 
 def test_all_in_one_file_brings_its_text_encoders(comfy_files, reference, tiny_pipe):
@@ -80,7 +71,7 @@ def test_all_in_one_file_brings_its_text_encoders(comfy_files, reference, tiny_p
     assert t5.encoder.embed_tokens.weight.data_ptr() == t5.shared.weight.data_ptr()  # tied again
     clip_g = tiny_pipe.text_encoder_2.text_projection.weight
     assert torch.allclose(pipe.text_encoder_2.text_projection.weight, clip_g.to(torch.bfloat16).float())
-    assert _rel(_latents(pipe), reference) < 0.03
+    assert rel_error(tiny_latents(pipe), reference) < 0.03
     report = pipe.sd35fp8_fp8
     assert {c.name: c.converted for c in report.components}["text_encoder_3"] == 14
 

@@ -11,21 +11,12 @@ from sd35fp8_helpers import load_pipeline
 from sd35fp8_helpers.errors import FP8ComputeUnavailable, Sd35fp8Error
 from sd35fp8_helpers.fp8 import (FP8_MANIFEST, POLICIES, FP8Config, is_fp8_storage, module_bytes, quantize_,
                                  quantize_tensor, save_quantized)
-
-
-def _latents(pipe, seed: int = 0) -> torch.Tensor:
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt="a red fox", num_inference_steps=2, height=128, width=128, output_type="latent",
-                generator=torch.Generator("cpu").manual_seed(seed)).images
-
-
-def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+from latents import rel_error, tiny_latents
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_pipe):
-    return _latents(tiny_pipe)
+    return tiny_latents(tiny_pipe)
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +55,9 @@ def test_bad_config_values_are_named():
 def test_scales_keep_small_weights_that_a_plain_cast_loses():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.002
     q, scale = quantize_tensor(w)
-    scaled_err = _rel(q.float() * scale, w)
+    scaled_err = rel_error(q.float() * scale, w)
     plain = w.to(torch.float8_e4m3fn).float()
-    assert scaled_err < 0.03 and _rel(plain, w) > 0.2  # 2.6% vs 28%: below 2^-6 only subnormals are left
+    assert scaled_err < 0.03 and rel_error(plain, w) > 0.2  # 2.6% vs 28%: below 2^-6 only subnormals are left
     assert (plain == 0).float().mean() > 0.3  # and a third of the weights flush to zero
     assert q.float().abs().max() == 448  # with the scale, the largest weight uses e4m3's whole range
 
@@ -90,7 +81,7 @@ def test_auto_picks_storage_on_cpu_and_says_why(quantized, reference):
     pipe, report = quantized
     assert report.mode == "storage"
     assert report.reason.startswith("auto chose storage: cpu has no float8 tensor cores")
-    assert 0 < _rel(_latents(pipe), reference) < 0.05  # changed (FP8 is lossy), but close
+    assert 0 < rel_error(tiny_latents(pipe), reference) < 0.05  # changed (FP8 is lossy), but close
 
 
 def test_compute_refuses_on_cpu_naming_the_device(tiny_model_dir):
@@ -110,7 +101,7 @@ def test_t5_in_fp8_storage_runs_and_stays_close(quantized, tiny_pipe):
     with torch.no_grad():
         out = t5(ids).last_hidden_state
         ref = tiny_pipe.text_encoder_3(ids).last_hidden_state
-    assert out.dtype == torch.float32 and 0 < _rel(out, ref) < 0.05
+    assert out.dtype == torch.float32 and 0 < rel_error(out, ref) < 0.05
     t5_row = next(c for c in report.components if c.name == "text_encoder_3")
     assert t5_row.converted == 14 and t5_row.after < t5_row.before
 
@@ -137,7 +128,7 @@ def test_save_and_reload_is_bit_identical(quantized, tmp_path):
     again = load_pipeline(str(out), device="cpu")
     assert is_fp8_storage(again.transformer.transformer_blocks[0].attn.to_q)
     assert again.sd35fp8_fp8.reason == "loaded from an FP8 checkpoint"
-    assert torch.equal(_latents(again), _latents(pipe))
+    assert torch.equal(tiny_latents(again), tiny_latents(pipe))
 
 
 def test_save_refuses_an_unquantised_pipeline(tiny_pipe, tmp_path):
