@@ -128,7 +128,7 @@ def classify_source(model: str) -> SourceKind:
     if _REPO_ID.match(model):
         return "hub"
     raise SetupStageFailed("doctor", f"{model!r} is not 'tiny', an existing folder or .safetensors file, a git URL, "
-                      "or a hub repo id", fix="check the spelling; e.g. sd35fp8 setup tiny")
+                           "or a hub repo id", fix="check the spelling; e.g. sd35fp8 setup tiny")
 
 
 # --- state: what earlier runs proved ---------------------------------------------------------------------
@@ -210,11 +210,11 @@ class _Run:
         blocking = [c for c in report.checks if c.status == "fail" and c.name not in ignore]
         if self.config.precision == "fp8-compute" and fp8_mode_available(facts) != "compute":
             raise SetupStageFailed("doctor", "fp8-compute asked for, but this machine can only do FP8 storage "
-                              f"({report.by_name('fp8 compute').value})",
-                              fix="use --precision auto or fp8-storage, or run on an Ada/Hopper GPU")
+                                   f"({report.by_name('fp8 compute').value})",
+                                   fix="use --precision auto or fp8-storage, or run on an Ada/Hopper GPU")
         if blocking:
             raise SetupStageFailed("doctor", "; ".join(f"{c.name}: {c.value}" for c in blocking),
-                              fix=" / ".join(c.fix for c in blocking))
+                                   fix=" / ".join(c.fix for c in blocking))
         warns = sum(c.status == "warn" for c in report.checks)
         return "ok", f"{len(report.checks)} checks, {warns} warnings; FP8 here: {fp8_mode_available(facts)}"
 
@@ -300,7 +300,7 @@ class _Run:
         report = verify_model(path, VerifyConfig(check_hashes=False))  # structure + headers: cheap
         if not report.ok:
             raise SetupStageFailed("verify", "; ".join(f"{p.file}: {p.what}" for p in report.problems),
-                              fix=f"{report.problems[0].fix}; then run the same `sd35fp8 setup` again")
+                                   fix=f"{report.problems[0].fix}; then run the same `sd35fp8 setup` again")
         expected = lfs_oids(path)
         if (path / MANIFEST_NAME).is_file():
             expected.update(read_manifest(path / MANIFEST_NAME))
@@ -313,9 +313,9 @@ class _Run:
             hashes[rel] = known[rel] if unchanged else sha256_file(path / rel)
             if rel in expected and hashes[rel] != expected[rel]:
                 raise SetupStageFailed("verify", f"{rel}: sha256 {hashes[rel][:12]}… differs from the expected "
-                                  f"{expected[rel][:12]}… (corrupt or changed)",
-                                  fix=f"delete {path / rel} and run the same `sd35fp8 setup` again "
-                                      "(it fetches the file again)")
+                                       f"{expected[rel][:12]}… (corrupt or changed)",
+                                       fix=f"delete {path / rel} and run the same `sd35fp8 setup` again "
+                                           "(it fetches the file again)")
         return hashes
 
     # 5 + 6
@@ -425,7 +425,7 @@ def _git(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
                          env={**os.environ, **(env or {})})
     if out.returncode:
         raise SetupStageFailed("fetch", f"git {' '.join(args)}: {out.stderr.strip()}",
-                          fix=f"inspect the clone with `git -C {repo} status`")
+                               fix=f"inspect the clone with `git -C {repo} status`")
     return out.stdout
 
 
