@@ -344,7 +344,8 @@ def plot_results(results: dict):
     fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 3.8), squeeze=False)
     for ax, preset in zip(axes[0], presets):
         rows = [r for r in results["ladder"] if r["preset"] == preset and "error" not in r]
-        names = [r["strategy"].replace("fp8_", "fp8\n").replace("_offload", "\noffload") for r in rows]
+        names = [r["strategy"].replace("fp8_", "fp8\n").replace("_offload", "\noffload").replace("_tiled", "\ntiled")
+                 for r in rows]
         ax.bar(names, [r["measured_gib"] for r in rows], color="tab:blue", label="measured peak GiB")
         ax.scatter(names, [predicted_now_gib(r) for r in rows], color="black", marker="_", s=400, label="predicted")
         ax.set_ylabel("GPU peak (GiB)")
@@ -354,8 +355,10 @@ def plot_results(results: dict):
         twin.set_ylabel("s/image", color="tab:red")
         twin.set_yscale("log")
         ax.tick_params(axis="x", labelsize=7)
-        ax.legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    twin_handles, twin_labels = fig.axes[-1].get_legend_handles_labels()
+    fig.legend(handles + twin_handles, labels + twin_labels, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     return fig
 
 
