@@ -38,7 +38,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import functools
-import io
 import json
 import logging
 import math

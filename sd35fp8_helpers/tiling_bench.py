@@ -281,8 +281,6 @@ def compare_decoders(vae, latents, tile_px: int = 128) -> tuple[list[dict], dict
 
     Returns table rows (error vs untiled, seam ratio at the tile borders, seconds) and the images.
     """
-    import torch
-
     from .seams import seam_ratio
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
