@@ -69,6 +69,8 @@ def _tiny(args: argparse.Namespace) -> int:
 # --- generate -------------------------------------------------------------------------------------
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
+    from .fp8 import PRECISIONS
+
     p.add_argument("--model", default="tiny", help="tiny, a diffusers folder, or a hub repo id")
     p.add_argument("--prompt", help="what to draw")
     p.add_argument("--negative-prompt", default="")
@@ -78,7 +80,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="multiple of 16; default: the model's native size")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp8-storage", "fp8-compute"],
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="bf16 = as loaded; FP8 storage runs anywhere, FP8 compute needs capability >= 8.9 "
                         "(default: bf16, or the PNG's with --from-png)")
     p.add_argument("--memory", default=None, choices=["none", "vae-tiling", "cpu-offload"],
@@ -94,6 +96,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .constants import settings
     from .generation import GenerationSettings, generate, read_png_metadata
+    from .fp8 import apply_precision_
     from .models import load_pipeline
 
     model, meta = args.model, {}
@@ -108,10 +111,7 @@ def _generate(args: argparse.Namespace) -> int:
     precision = args.precision or (meta.get("precision") if meta.get("precision", "").startswith("fp8-") else "bf16")
     memory = args.memory or meta.get("memory", "none")
     pipe = load_pipeline(model, device=args.device)
-    if precision != "bf16":
-        from .fp8 import FP8Config, quantize_
-
-        quantize_(pipe, FP8Config(mode=precision.removeprefix("fp8-")))
+    apply_precision_(pipe, precision)
     if memory == "vae-tiling":
         pipe.vae.enable_tiling()
     elif memory == "cpu-offload":

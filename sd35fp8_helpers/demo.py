@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from .errors import Sd35fp8Error
 from .generation import GenerationSettings
-from .playground import PRECISIONS, available_precisions, size_presets
+from .fp8 import PRECISIONS
+from .playground import available_precisions, size_presets
 
 DEFAULT_DEMO_PORT = 7860
 

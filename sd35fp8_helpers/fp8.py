@@ -444,6 +444,33 @@ def _device_of(module: "nn.Module"):
     return next(module.parameters()).device
 
 
+PRECISIONS: dict[str, str] = {"bf16": "BF16", "fp8-storage": "FP8 storage", "fp8-compute": "FP8 compute"}
+"""The precision names ``sd35fp8 generate``, ``setup``, the playground and the server share (value: display label).
+
+``bf16`` means "the pipeline as loaded, no FP8" (float32 on CPU); ``fp8-storage`` / ``fp8-compute`` are
+:func:`quantize_` modes. They are what PNG metadata records, so an image can be re-made in its precision.
+"""
+
+
+def apply_precision_(pipe, precision: str) -> FP8Report | None:
+    """Put ``pipe`` in a named precision, in place: a :data:`PRECISIONS` key, or ``auto`` (compute where possible).
+
+    ``bf16`` changes nothing and returns None; the FP8 names run :func:`quantize_` (default policy) and return
+    its report.
+
+    Example:
+        >>> from sd35fp8_helpers import load_pipeline
+        >>> apply_precision_(load_pipeline("tiny", device="cpu"), "fp8-storage").mode
+        'storage'
+    """
+    if precision not in (*PRECISIONS, "auto"):
+        raise Sd35fp8Error(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} or auto",
+                           fix="use bf16 (as loaded), fp8-storage (any device) or fp8-compute (capability >= 8.9)")
+    if precision == "bf16":
+        return None
+    return quantize_(pipe, FP8Config(mode=precision.removeprefix("fp8-")))
+
+
 def quantize_(pipe, config: FP8Config | None = None) -> FP8Report:
     """Convert a ``StableDiffusion3Pipeline`` (or a bare SD3 transformer) to FP8 in place.
 

@@ -70,7 +70,9 @@ class SetupConfig:
     free_bytes: int | None = None  # pretend this much disk is free ("would it fit on my laptop?"); None: measure
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", "bf16", "fp8-storage", "fp8-compute"):
+        from .fp8 import PRECISIONS
+
+        if self.precision not in ("auto", *PRECISIONS):
             raise ValueError(f"precision={self.precision!r}; choose auto, bf16, fp8-storage or fp8-compute")
         object.__setattr__(self, "dir", Path(self.dir).absolute())
 
@@ -461,11 +463,10 @@ def load_with_precision(path: Path, source: SourceKind, config: SetupConfig):
         pipe = load_pipeline(str(path), device=config.device, dtype=torch.bfloat16)
         weights = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
         return pipe, "bf16", f"bf16, no FP8 (transformer {human_bytes(weights)})"
-    from .fp8 import FP8Config, quantize_
+    from .fp8 import apply_precision_
 
     pipe = load_pipeline(str(path), device=config.device)
-    mode = {"auto": "auto", "fp8-storage": "storage", "fp8-compute": "compute"}[config.precision]
-    report = quantize_(pipe, FP8Config(mode=mode))
+    report = apply_precision_(pipe, config.precision)
     return pipe, f"fp8-{report.mode}", f"FP8 {report.mode} ({report.policy}); " + _bytes_line(report)
 
 
@@ -480,10 +481,12 @@ def _bytes_line(report) -> str:
 # --- CLI ---------------------------------------------------------------------------------------------------
 
 def register_cli(command) -> None:
+    from .fp8 import PRECISIONS
+
     def arguments(p) -> None:
         p.add_argument("model", help="hub repo id, git URL, local folder, Comfy FP8 .safetensors file, or tiny")
         p.add_argument("--dir", default="sd35fp8-setup", help="where the model, state and smoke image go")
-        p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp8-storage", "fp8-compute"])
+        p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS])
         p.add_argument("--include", nargs="*", default=[], help="hub: only files matching these patterns")
         p.add_argument("--base", default="tiny", help="Comfy files: the diffusers model giving configs/VAE")
         p.add_argument("--device", default=None)

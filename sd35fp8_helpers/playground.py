@@ -37,12 +37,10 @@ from typing import Any
 
 from .display import human_bytes, images_dir
 from .errors import Sd35fp8Error, UnsupportedEnvironment
-from .quality import psnr
+from .fp8 import PRECISIONS, apply_precision_  # precision keys (stored in PNG metadata) and their labels
 from .generation import (GenerationResult, GenerationSettings, StepCallback, generate, pipeline_limits,
                          read_png_metadata)
-
-PRECISIONS: dict[str, str] = {"bf16": "BF16", "fp8-storage": "FP8 storage", "fp8-compute": "FP8 compute"}
-"""Precision keys (stored in PNG metadata) and their labels. ``bf16`` means "the pipeline as loaded"."""
+from .quality import psnr
 
 MEMORY_STRATEGIES: dict[str, str] = {"none": "none", "vae-tiling": "VAE tiling", "cpu-offload": "model CPU offload"}
 """Memory strategy keys (stored in PNG metadata) and their labels. CPU offload is offered on CUDA only."""
@@ -387,10 +385,7 @@ class Playground:
             pipe = load_pipeline(str(source.path), device=self.device if on_gpu else "cpu",
                                  dtype=self.pipe.transformer.dtype)
             pipe.sd35fp8_source = source
-            if precision != "bf16":
-                from .fp8 import FP8Config, quantize_
-
-                quantize_(pipe, FP8Config(mode=precision.removeprefix("fp8-")))
+            apply_precision_(pipe, precision)
             if offload:  # components wait in CPU memory and visit the GPU one at a time
                 pipe.enable_model_cpu_offload(device=self.device)
             self._pipes[key] = pipe

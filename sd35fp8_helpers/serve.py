@@ -57,7 +57,7 @@ from typing import Any, Callable, Sequence
 from .constants import DEFAULT_MODEL
 from .errors import InvalidGenerationInput, ServerStartFailed, Sd35fp8Error
 from .generation import GenerationResult, GenerationSettings, generate, pipeline_limits
-from .playground import PRECISIONS
+from .fp8 import PRECISIONS, apply_precision_
 
 # --- named limits and defaults --------------------------------------------------------------------------
 MAX_IMAGES = 4
@@ -127,10 +127,7 @@ class ImageEngine:
 
         self.device = self.device or default_device()
         pipe = load_pipeline(self.model, device=self.device)
-        if precision != "bf16":  # "bf16" = as loaded (float32 on CPU)
-            from .fp8 import FP8Config, quantize_
-
-            quantize_(pipe, FP8Config(mode=precision.removeprefix("fp8-")))
+        apply_precision_(pipe, precision)  # "bf16" = as loaded (float32 on CPU)
         if self.memory_strategy:
             from .memory import get_strategy
 
