@@ -53,8 +53,15 @@ DISK_SAFETY_FACTOR = 1.15
 """Free space wanted on top of a model's size: the hub writes ``.incomplete`` files beside the cache."""
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The checkout this package runs from (notebooks/, docs/ live here when installed with ``pip install -e .``)."""
+
+BENCHMARKS_DIR = REPO_ROOT / "docs" / "benchmarks"
+"""Raw JSON of every committed GPU measurement; notebooks and the planner read figures from here."""
+
+
 def _default_output_dir() -> Path:
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO_ROOT
     return repo / DEFAULT_OUTPUT_DIR if (repo / "pyproject.toml").is_file() else Path.cwd() / DEFAULT_OUTPUT_DIR
 
 

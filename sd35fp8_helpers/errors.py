@@ -165,7 +165,7 @@ class ModelVerificationFailed(Sd35fp8Error, ValueError):
 
     Raised by ``load_pipeline`` before diffusers sees the folder, so the user reads one line per problem
     instead of ``SafetensorError: Error while deserializing header: header too large``. ``problems`` holds
-    the :class:`~sd35fp8_helpers.verify.Problem` list.
+    the :class:`~sd35fp8_helpers.weights.verify.Problem` list.
     """
 
     def __init__(self, path: Path, problems: list) -> None:

@@ -30,7 +30,7 @@ quiet_libraries()
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny SD3.5 pipeline in diffusers layout, built once per test session (seed 0)."""
-    from sd35fp8_helpers.tiny import tiny_model_path
+    from sd35fp8_helpers.pipeline.tiny import tiny_model_path
 
     return tiny_model_path(seed=0)
 

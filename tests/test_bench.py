@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sd35fp8_helpers.bench import VARIANTS, load_results, plot_results, run_bench
+from sd35fp8_helpers.benchmarks.fp8 import VARIANTS, load_results, plot_results, run_bench
 from sd35fp8_helpers.errors import Sd35fp8Error
 
 
@@ -44,7 +44,7 @@ def test_cli_bench_prints_the_table_and_writes_json(cli, tmp_path):
 
 
 def test_quality_report_compares_policies_against_the_reference():
-    from sd35fp8_helpers.quality import quality_report
+    from sd35fp8_helpers.precision.quality import quality_report
 
     report = quality_report("tiny", policies=("all-linear", "hybrid"), steps=2, size=64, device="cpu")
     ref, all_linear, hybrid = report.rows

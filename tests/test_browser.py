@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sd35fp8_helpers.serve_client import free_port
+from sd35fp8_helpers.serving.client import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")

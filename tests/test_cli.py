@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd35fp8_helpers.generation import read_png_metadata
+from sd35fp8_helpers.pipeline.generation import read_png_metadata
 
 
 def test_console_script_is_installed():

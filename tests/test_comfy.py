@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd35fp8_helpers.comfy import (SCALED_FP8_MARKER, TRANSFORMER_PREFIX, _diffusers_to_original, inspect_comfy_file,
+from sd35fp8_helpers.precision.comfy import (SCALED_FP8_MARKER, TRANSFORMER_PREFIX, _diffusers_to_original, inspect_comfy_file,
                                    load_comfy_pipeline, save_comfy_checkpoint)
 from sd35fp8_helpers.errors import ComfyFormatError
-from sd35fp8_helpers.fp8 import is_fp8_storage
+from sd35fp8_helpers.precision.storage import is_fp8_storage
 from latents import rel_error, tiny_latents
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from sd35fp8_helpers.demo import build_demo, demo_sizes
-from sd35fp8_helpers.serve import ImageEngine
+from sd35fp8_helpers.interactive.demo import build_demo, demo_sizes
+from sd35fp8_helpers.serving.engine import ImageEngine
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from sd35fp8_helpers import env
+from sd35fp8_helpers.doctor import checks as env
 from sd35fp8_helpers.constants import Settings
-from sd35fp8_helpers.env import Facts, evaluate, fp8_mode_available, parse_version
+from sd35fp8_helpers.doctor.checks import Facts, evaluate, fp8_mode_available, parse_version
 
 
 @pytest.mark.parametrize("text,expected", [

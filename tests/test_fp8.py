@@ -9,8 +9,10 @@ import torch
 
 from sd35fp8_helpers import load_pipeline
 from sd35fp8_helpers.errors import FP8ComputeUnavailable, Sd35fp8Error
-from sd35fp8_helpers.fp8 import (FP8_MANIFEST, POLICIES, FP8Config, is_fp8_storage, module_bytes, quantize_,
-                                 quantize_tensor, save_quantized)
+from sd35fp8_helpers.precision.checkpoint import FP8_MANIFEST, save_quantized
+from sd35fp8_helpers.precision.policies import POLICIES
+from sd35fp8_helpers.precision.quantize import FP8Config, module_bytes, quantize_
+from sd35fp8_helpers.precision.storage import is_fp8_storage, quantize_tensor
 from latents import rel_error, tiny_latents
 
 
@@ -147,7 +149,7 @@ def test_cli_quantize_writes_a_loadable_fp8_folder(cli, tmp_path):
 
 
 def test_real_size_fp8_bytes_meet_the_targets():
-    from sd35fp8_helpers.bench import real_size_bytes
+    from sd35fp8_helpers.benchmarks.fp8 import real_size_bytes
 
     sizes = real_size_bytes("large")  # exact byte counts on the meta device: no memory needed
     large = sizes["transformer all-linear"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sd35fp8_helpers.errors import InvalidGenerationInput
-from sd35fp8_helpers.generation import (GenerationSettings, check_settings, generate, pipeline_limits,
+from sd35fp8_helpers.pipeline.generation import (GenerationSettings, check_settings, generate, pipeline_limits,
                                         read_png_metadata, settings_from_png)
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from fake_hub import BAD_TOKEN, COMMIT, FakeHub, repo_files
 from sd35fp8_helpers.errors import ModelNotFound, NotEnoughDisk
-from sd35fp8_helpers.hub import check_disk, known_sources, plan_download
+from sd35fp8_helpers.weights.hub import check_disk, known_sources, plan_download
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_sd35fp8FAKEtokenDoNotPrint1234567890"
@@ -26,7 +26,7 @@ BROKEN = "transformer/diffusion_pytorch_model.safetensors"
 
 DRIVER = r"""
 import json, sys
-from sd35fp8_helpers import hub
+from sd35fp8_helpers.weights import hub
 from sd35fp8_helpers.errors import Sd35fp8Error
 out = []
 for case in json.loads(sys.argv[1]):

@@ -9,11 +9,11 @@ import torch
 
 from sd35fp8_helpers import GenerationSettings, load_pipeline
 from sd35fp8_helpers.errors import InvalidPlanInput, OutOfMemoryAfterFallback
-from sd35fp8_helpers.memory import (
+from sd35fp8_helpers.memory.strategies import (
     STRATEGIES, emulated_card, generate_by_stage, generate_with_fallback, get_strategy, measure,
     misplaced_modules, weight_bytes,
 )
-from sd35fp8_helpers.plan import ARCHITECTURE, GIB, count_architecture, plan, predict
+from sd35fp8_helpers.memory.plan import ARCHITECTURE, GIB, count_architecture, plan, predict
 
 SETTINGS = GenerationSettings("a red fox in the snow", steps=2, height=128, width=128)
 
@@ -189,7 +189,7 @@ def test_emulated_card_needs_a_positive_budget(tiny_pipe):
 
 def test_predictions_within_10_percent_of_every_committed_gpu_measurement():
     """The planner against what the H100 measured (docs/benchmarks/memory*.json): every rung, Large and Medium."""
-    from sd35fp8_helpers.memory_bench import BENCHMARK_JSON, load_results, predicted_now_gib
+    from sd35fp8_helpers.benchmarks.memory import BENCHMARK_JSON, load_results, predicted_now_gib
 
     rows = [r for path in sorted(BENCHMARK_JSON.parent.glob("memory*.json"))
             for r in load_results(path)["ladder"] if "error" not in r]
@@ -200,7 +200,7 @@ def test_predictions_within_10_percent_of_every_committed_gpu_measurement():
 
 
 def test_a_4_gib_card_for_large_says_what_is_impossible_and_what_the_next_tier_needs(cli):
-    from sd35fp8_helpers.plan import plan
+    from sd35fp8_helpers.memory.plan import plan
 
     result = plan(4, "large")
     ruled_out = [r.strategy for r in result.rows if not r.fits]

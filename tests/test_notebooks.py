@@ -16,7 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from sd35fp8_helpers.notebooks import find_notebooks, run_all
+from sd35fp8_helpers.onboarding.notebooks import find_notebooks, run_all
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = find_notebooks(REPO / "notebooks")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sd35fp8_helpers.generation import read_png_metadata
-from sd35fp8_helpers.onboarding import EXIT_CODES, SetupConfig, image_sha256, run_setup
-from sd35fp8_helpers.report import build_report, compare, write_report
+from sd35fp8_helpers.pipeline.generation import read_png_metadata
+from sd35fp8_helpers.onboarding.setup import EXIT_CODES, SetupConfig, image_sha256, run_setup
+from sd35fp8_helpers.onboarding.report import build_report, compare, write_report
 
 FAKE_TOKEN = "hf_sd35fp8OnboardingFakeToken987654321"
 
@@ -28,7 +28,7 @@ def _quiet(config: SetupConfig):
 @pytest.fixture
 def lfs_remote(tiny_model_dir, tmp_path) -> str:
     """A real Git LFS repository of the tiny model, reached by a file:// URL (no server needed)."""
-    from sd35fp8_helpers.lfs import init_lfs_repo
+    from sd35fp8_helpers.weights.lfs import init_lfs_repo
 
     return (init_lfs_repo(tiny_model_dir, tmp_path / "remote")).as_uri()
 
@@ -80,7 +80,7 @@ def test_tiny_and_local_folder_sources(tiny_model_dir, tmp_path):
 
 
 def test_comfy_single_file_source(tiny_model_dir, tmp_path):
-    comfy = pytest.importorskip("sd35fp8_helpers.comfy")
+    comfy = pytest.importorskip("sd35fp8_helpers.precision.comfy")
     from sd35fp8_helpers import load_pipeline
 
     path = comfy.save_comfy_checkpoint(load_pipeline(str(tiny_model_dir), device="cpu"), tmp_path / "sd3_fp8.safetensors")

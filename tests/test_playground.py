@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd35fp8_helpers.generation import read_png_metadata
-from sd35fp8_helpers.playground import (Playground, available_memory_strategies, available_precisions,
+from sd35fp8_helpers.pipeline.generation import read_png_metadata
+from sd35fp8_helpers.interactive.playground import (Playground, available_memory_strategies, available_precisions,
                                         difference_heatmap, psnr, size_presets)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

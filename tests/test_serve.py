@@ -26,10 +26,12 @@ import pytest
 
 from sd35fp8_helpers.cli import main
 from sd35fp8_helpers.errors import ServerStartFailed, Sd35fp8Error
-from sd35fp8_helpers.serve import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, ImageEngine, ImageService, Job,
-                                   ServeConfig, _error_for)
-from sd35fp8_helpers.serve_client import decode_images, read_metrics, serve_in_background
-from sd35fp8_helpers.serve_auth import (KeyStore, RateLimiter, bearer_token, hash_api_key, new_api_key,
+from sd35fp8_helpers.serving.app import _error_for
+from sd35fp8_helpers.serving.config import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, ServeConfig
+from sd35fp8_helpers.serving.engine import ImageEngine
+from sd35fp8_helpers.serving.service import ImageService, Job
+from sd35fp8_helpers.serving.client import decode_images, read_metrics, serve_in_background
+from sd35fp8_helpers.serving.auth import (KeyStore, RateLimiter, bearer_token, hash_api_key, new_api_key,
                                         parse_key_line)
 
 ROUTE = "/v1/images/generations"
@@ -308,8 +310,8 @@ def _in_process_server(config: ServeConfig, pipe):
     """The same app under uvicorn in a thread of this process (its records reach ``caplog``)."""
     import uvicorn
 
-    from sd35fp8_helpers.serve import create_app
-    from sd35fp8_helpers.serve_client import free_port
+    from sd35fp8_helpers.serving.app import create_app
+    from sd35fp8_helpers.serving.client import free_port
 
     port = free_port()
     app = create_app(config, KeyStore([]), engine=ImageEngine("tiny", pipe=pipe))
@@ -340,8 +342,8 @@ def test_a_request_past_its_deadline_is_cancelled_with_504_and_prompts_are_logge
 
 
 def test_out_of_memory_in_one_job_is_a_503_and_the_worker_keeps_serving(own_pipe):
-    from sd35fp8_helpers.generation import GenerationSettings
-    from sd35fp8_helpers.memory import emulated_card
+    from sd35fp8_helpers.pipeline.generation import GenerationSettings
+    from sd35fp8_helpers.memory.strategies import emulated_card
 
     pipe = own_pipe
     service = ImageService(ImageEngine("tiny", pipe=pipe), ServeConfig(queue_size=2))

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from sd35fp8_helpers.errors import InvalidGenerationInput, InvalidTilingInput
-from sd35fp8_helpers.generation import GenerationSettings, read_png_metadata
-from sd35fp8_helpers.seams import SEAM_TOLERANCE, seam_ratio
-from sd35fp8_helpers.tiled_diffusion import (TiledDiffusionConfig, generate_tiled, plan_windows, upscale_refine,
+from sd35fp8_helpers.pipeline.generation import GenerationSettings, read_png_metadata
+from sd35fp8_helpers.highres.seams import SEAM_TOLERANCE, seam_ratio
+from sd35fp8_helpers.highres.tiled_diffusion import (TiledDiffusionConfig, generate_tiled, plan_windows, upscale_refine,
                                              window_batch_size)
-from sd35fp8_helpers.tiling import TileConfig, decode_tiled, encode_tiled, plan_tiles
+from sd35fp8_helpers.highres.tiling import TileConfig, decode_tiled, encode_tiled, plan_tiles
 
 EXACT = 1e-4
 """Relative error allowed when each tile's context covers the decoder's receptive field after the mid block
@@ -183,7 +183,7 @@ def test_window_batching_does_not_change_the_result(tiny_pipe):
 
 
 def test_upscale_refine(tiny_pipe):
-    from sd35fp8_helpers.generation import generate
+    from sd35fp8_helpers.pipeline.generation import generate
 
     small = generate(tiny_pipe, GenerationSettings("a lighthouse", seed=1, steps=4), progress=False).image
     steps = []

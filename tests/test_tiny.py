@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd35fp8_helpers.tiny import TINY_MARKER, build_tiny_pipeline, save_tiny_model
+from sd35fp8_helpers.pipeline.tiny import TINY_MARKER, build_tiny_pipeline, save_tiny_model
 
 COMPONENTS = ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
 

@@ -1,0 +1,441 @@
+"""Benchmark the SD3.5 transformer step in bf16 and FP8: weights, peak memory, ms/step, compile time.
+
+One "step" is what a sampler does once per denoising step: one transformer forward **with CFG** (batch 2 —
+conditional and unconditional), at the real latent size (1024² → 128×128×16 latents, 4096 image tokens) and
+333 text tokens (77 CLIP + 256 T5). Inputs and weights are random (N(0, 0.02)): at real size that measures
+speed and memory faithfully without downloading 16 GB. The text encoders and the VAE are outside the step
+(they run once per image); ``--t5`` measures T5-XXL's bytes in bf16 and FP8 storage on its own.
+
+Methodology: build each variant fresh, warm up, synchronise, time with CUDA events, report the median;
+peak memory from ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Compiled variants
+report the first call (compile + one step) and, with ``--warm-start``, the first call of a *second process*
+that finds the inductor cache on disk (``TORCHINDUCTOR_CACHE_DIR``).
+
+Example (CPU, seconds)::
+
+    sd35fp8 bench --preset tiny --variants bf16 fp8-storage --height 128 --width 128 --repeats 2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..constants import BENCHMARKS_DIR
+
+VARIANTS: dict[str, str] = {
+    "bf16": "bf16 eager",
+    "bf16+compile": "bf16 + torch.compile (per block)",
+    "fp8-storage": "FP8 storage (all-linear, per-row scales), eager",
+    "fp8-storage+compile": "FP8 storage + torch.compile (per block)",
+    "fp8-compute": "torchao FP8 dynamic row-wise + torch.compile (per block)",
+    "fp8-compute+model-compile": "torchao FP8 dynamic row-wise + torch.compile (whole model)",
+    "fp8-compute-eager": "torchao FP8 dynamic row-wise, no compile",
+}
+DEFAULT_VARIANTS = ("bf16", "bf16+compile", "fp8-storage", "fp8-compute")
+TEXT_TOKENS = 333
+"""77 CLIP tokens + 256 T5 tokens: the joint-attention text length of StableDiffusion3Pipeline."""
+WEIGHT_STD = 0.02
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    description: str
+    status: str = "ok"  # ok | skipped: reason | failed: error
+    weights_gib: float | None = None
+    peak_gib: float | None = None
+    ms_per_step: float | None = None
+    ms_all: list[float] = field(default_factory=list)
+    s_per_image: float | None = None
+    speedup: float | None = None
+    first_call_s: float | None = None
+    warm_first_call_s: float | None = None
+    rel_err_vs_bf16: float | None = None
+
+
+@dataclass
+class BenchResult:
+    preset: str
+    height: int
+    width: int
+    steps: int
+    device: str
+    versions: dict[str, str]
+    date: str
+    command: str
+    variants: list[VariantResult]
+    text_encoder_3: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def table(self) -> str:
+        head = ("variant", "weights GiB", "peak GiB", "ms/step", f"s/image ({self.steps})", "speed-up",
+                "1st call s", "warm 1st s", "rel.err")
+        rows = [head]
+        for v in (v for v in self.variants if v.status == "ok"):
+            rows.append((v.variant, _gib(v.weights_gib), _gib(v.peak_gib), _f(v.ms_per_step, 1),
+                         _f(v.s_per_image, 2), _f(v.speedup, 2, "x"), _f(v.first_call_s, 1),
+                         _f(v.warm_first_call_s, 1), _f(v.rel_err_vs_bf16, 4)))
+        widths = [max(len(r[i]) for r in rows if len(r) > i) for i in range(len(head))]
+        lines = [f"SD3.5 {self.preset} transformer, {self.width}x{self.height}, CFG batch 2, "
+                 f"{TEXT_TOKENS} text tokens — {self.device}"]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += [f"{v.variant}: {v.status}" for v in self.variants if v.status != "ok"]
+        if self.text_encoder_3:
+            t = self.text_encoder_3
+            lines.append(f"T5 encoder: {_gib(t['bf16_gib'])} GiB bf16 -> {_gib(t['fp8_gib'])} GiB FP8 storage "
+                         f"({t['layers']} Linears), rel.err of its output {t['rel_err']:.4f}")
+        return "\n".join(lines)
+
+
+def _f(x: float | None, digits: int, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def _gib(x: float | None) -> str:
+    return _f(x, 2 if x is None or x >= 0.1 else 5)
+
+
+# --- building blocks --------------------------------------------------------------------------------------
+
+def _random_weights_(model, seed: int) -> None:
+    """N(0, 0.02) for every matrix/conv weight and bias (norm scales keep their ones), deterministic:
+    every variant of one run gets identical weights, so their outputs can be compared."""
+    import torch
+
+    gen_device = next(model.parameters()).device
+    g = torch.Generator(gen_device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 or name.endswith("bias"):
+                p.normal_(0.0, WEIGHT_STD, generator=g)
+
+
+def build_transformer(preset: str, device: str, *, seed: int = 0):
+    """The preset's transformer in bf16 on ``device`` with seeded random weights."""
+    import torch
+
+    from ..presets import instantiate_transformer
+
+    model = instantiate_transformer(preset, device=device, dtype=torch.bfloat16).eval()
+    _random_weights_(model, seed)
+    return model
+
+
+def step_inputs(model, height: int, width: int, device: str, *, seed: int = 1) -> dict[str, Any]:
+    """Random inputs of one CFG step: batch 2, latents (16, H/8, W/8), 333 text tokens, pooled vectors."""
+    import torch
+
+    cfg = model.config
+    g = torch.Generator("cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device, torch.bfloat16)
+
+    return dict(hidden_states=randn(2, cfg.in_channels, height // 8, width // 8),
+                encoder_hidden_states=randn(2, TEXT_TOKENS, cfg.joint_attention_dim),
+                pooled_projections=randn(2, cfg.pooled_projection_dim),
+                timestep=torch.tensor([500.0, 500.0], device=device), return_dict=False)
+
+
+class _Timer:
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.cuda = device.startswith("cuda")
+        self.torch = torch
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def time_ms(self, fn) -> float:
+        if self.cuda:
+            start, end = (self.torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1000
+
+
+def _prepare(name: str, model) -> None:
+    from ..precision.compute import compile_transformer
+    from ..precision.quantize import FP8Config, quantize_
+
+    if name.startswith("fp8-storage"):
+        quantize_(model, FP8Config(mode="storage"))
+    elif name.startswith("fp8-compute"):
+        quantize_(model, FP8Config(mode="compute", compile=name != "fp8-compute-eager",
+                                   compile_scope="model" if name.endswith("model-compile") else "blocks"))
+    if name in ("bf16+compile", "fp8-storage+compile"):
+        compile_transformer(model, "blocks")
+
+
+def run_variant(name: str, preset: str, height: int, width: int, steps: int, device: str, *,
+                warmup: int = 3, repeats: int = 7, reference=None) -> tuple[VariantResult, Any]:
+    """Build, convert, warm up and time one variant. Returns the result and its output (for error checks)."""
+    import torch
+
+    from ..errors import FP8ComputeUnavailable
+    from ..precision.quantize import module_bytes
+
+    res = VariantResult(name, VARIANTS[name])
+    cuda = device.startswith("cuda")
+    t0 = time.perf_counter()
+    model = build_transformer(preset, device)
+    try:
+        _prepare(name, model)
+        print(f"  {name}: built and converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    except FP8ComputeUnavailable as e:
+        res.status = f"skipped: {e.one_line.split(' fix:')[0]}"
+        return res, None
+    res.weights_gib = module_bytes(model) / 2**30
+    inputs = step_inputs(model, height, width, device)
+    timer = _Timer(device)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        timer.sync()
+        t0 = time.perf_counter()
+        out = model(**inputs)[0]
+        timer.sync()
+        res.first_call_s = time.perf_counter() - t0
+        for _ in range(max(warmup - 1, 0)):
+            model(**inputs)
+        res.ms_all = [round(timer.time_ms(lambda: model(**inputs)), 3) for _ in range(repeats)]
+        out = model(**inputs)[0].float().cpu()
+    res.ms_per_step = statistics.median(res.ms_all)
+    res.s_per_image = res.ms_per_step * steps / 1000
+    if cuda:
+        res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    if reference is not None:
+        res.rel_err_vs_bf16 = float((out - reference).norm() / reference.norm())
+    del model, inputs
+    _free(cuda)
+    return res, out
+
+
+def _free(cuda: bool) -> None:
+    """Drop compiled graphs (their guards keep the model alive) and cached blocks before the next variant."""
+    import gc
+
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def measure_t5(preset: str, device: str) -> dict[str, Any]:
+    """T5-XXL (real config) in bf16, then FP8 storage: bytes, and the relative error of its output."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from ..precision.policies import TEXT_ENCODER_POLICY
+    from ..precision.quantize import module_bytes
+    from ..precision.storage import to_storage
+    from ..presets import get_preset
+
+    with torch.device(device):
+        t5 = T5EncoderModel(T5Config(**{"vocab_size": 32128, **get_preset(preset).t5})).to(torch.bfloat16).eval()
+    _random_weights_(t5, seed=2)
+    ids = torch.randint(0, 32000, (1, 256), generator=torch.Generator("cpu").manual_seed(3)).to(device)
+    with torch.inference_mode():
+        ref = t5(ids).last_hidden_state.float()
+        bf16 = module_bytes(t5)
+        layers = to_storage(t5, TEXT_ENCODER_POLICY)
+        out = t5(ids).last_hidden_state.float()
+    return {"bf16_gib": bf16 / 2**30, "fp8_gib": module_bytes(t5) / 2**30, "layers": len(layers),
+            "rel_err": float((out - ref).norm() / ref.norm())}
+
+
+def run_bench(preset: str = "tiny", *, height: int | None = None, width: int | None = None, steps: int | None = None,
+              variants: tuple[str, ...] = DEFAULT_VARIANTS, device: str | None = None, warmup: int = 3,
+              repeats: int = 7, warm_start: bool = False, t5: bool = False, command: str = "",
+              json_path: str | Path | None = None) -> BenchResult:
+    """Time every variant of one preset; optionally re-run compiled ones in a fresh process (warm cache).
+
+    ``json_path`` is rewritten after every variant, so a run stopped by a time limit keeps what it measured.
+    """
+    import torch
+
+    from ..pipeline.generation import library_versions
+    from ..pipeline.loading import default_device
+    from ..presets import get_preset
+
+    p = get_preset(preset)
+    device = device or default_device()
+    height = height or p.default_side_px
+    width = width or p.default_side_px
+    steps = steps or p.default_steps
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        from ..errors import Sd35fp8Error
+
+        raise Sd35fp8Error(f"unknown variant(s) {unknown}", fix=f"choose from {', '.join(VARIANTS)}")
+    versions = library_versions()
+    try:
+        import torchao
+
+        versions["torchao"] = torchao.__version__
+    except ImportError:
+        pass
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    result = BenchResult(preset, height, width, steps, name, versions, time.strftime("%Y-%m-%d"), command, [])
+    reference = None
+    for v in variants:
+        try:
+            res, out = run_variant(v, preset, height, width, steps, device, warmup=warmup, repeats=repeats,
+                                   reference=reference)
+        except Exception as e:  # keep the other variants' numbers; the table shows the failure
+            res, out = VariantResult(v, VARIANTS[v], status=f"failed: {type(e).__name__}: {str(e)[:120]}"), None
+        if v == "bf16" and out is not None:
+            reference = out
+        result.variants.append(res)
+        print(f"  {v}: {res.status}, {_f(res.ms_per_step, 1)} ms/step", file=sys.stderr, flush=True)
+        _write(result, json_path)
+    base = next((r for r in result.variants if r.variant == "bf16" and r.ms_per_step), None)
+    for r in result.variants:
+        if base and r.ms_per_step:
+            r.speedup = base.ms_per_step / r.ms_per_step
+    _write(result, json_path)
+    if warm_start:
+        for r in result.variants:
+            if r.status == "ok" and _compiled(r.variant) and (r.variant.startswith("fp8") or not device.startswith("cuda")):
+                r.warm_first_call_s = _warm_first_call(r.variant, preset, height, width, device)
+        _write(result, json_path)
+    if t5:
+        result.text_encoder_3 = measure_t5(preset, device)
+        _write(result, json_path)
+    return result
+
+
+def _write(result: BenchResult, json_path: str | Path | None) -> None:
+    if json_path and str(json_path) != "-":
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(result.to_json() + "\n")
+
+
+def _compiled(variant: str) -> bool:
+    return "compile" in variant or variant == "fp8-compute"
+
+
+def _warm_first_call(variant: str, preset: str, height: int, width: int, device: str) -> float | None:
+    """First-call seconds of ``variant`` in a new process that reuses this process's inductor cache.
+
+    On CUDA only the FP8 variants are re-run (each re-run rebuilds the model: device time is scarce)."""
+    cmd = [sys.executable, "-m", "sd35fp8_helpers.cli", "bench", "--preset", preset, "--height", str(height),
+           "--width", str(width), "--variants", variant, "--repeats", "1", "--warmup", "1", "--device", device,
+           "--json", "-"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if proc.returncode:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return None
+    data = json.loads(proc.stdout[proc.stdout.index("{"):])
+    return data["variants"][0]["first_call_s"]
+
+
+def benchmarks_folder() -> Path:
+    """``docs/benchmarks`` of this repository: the JSON measured on the GPU machine and committed."""
+    return BENCHMARKS_DIR
+
+
+def load_results(folder: str | Path) -> list[dict[str, Any]]:
+    """The ``fp8-*.json`` files written by ``sd35fp8 bench`` in ``folder`` (e.g. ``docs/benchmarks``), merged per
+    preset, size and device: each variant's first successful measurement is kept (its speed-up was computed
+    against the bf16 eager run of the same process)."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for path in sorted(Path(folder).glob("fp8-*.json")):
+        data = json.loads(path.read_text())
+        key = (data["preset"], data["width"], data["height"], data["device"])
+        if key not in merged:
+            merged[key] = {**data, "variants": []}
+        have = {v["variant"]: i for i, v in enumerate(merged[key]["variants"])}
+        for v in data["variants"]:
+            if v["variant"] not in have:
+                merged[key]["variants"].append(v)
+            elif v["status"] == "ok" and merged[key]["variants"][have[v["variant"]]]["status"] != "ok":
+                merged[key]["variants"][have[v["variant"]]] = v
+    order = list(VARIANTS)
+    for data in merged.values():
+        data["variants"].sort(key=lambda v: order.index(v["variant"]))
+    return list(merged.values())
+
+
+def plot_results(results: list[dict[str, Any]]):
+    """Bar chart of ms/step per variant, one panel per preset, titled with the device (a matplotlib Figure)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        ok = [v for v in r["variants"] if v["status"] == "ok"]
+        names = [v["variant"] for v in ok]
+        ms = [v["ms_per_step"] for v in ok]
+        bars = ax.barh(names, ms, color=["#888" if n.startswith("bf16") else "#2a7" for n in names])
+        for bar, v in zip(bars, ok):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v['ms_per_step']:.0f} ms "
+                    f"({v['speedup']:.2f}x, {v['weights_gib']:.1f} GiB)", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(ms) * 1.6)
+        ax.set_xlabel("ms per CFG step (lower is better)")
+        ax.set_title(f"SD3.5 {r['preset']} {r['width']}² — {r['device']}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def markdown_table(data: dict[str, Any]) -> str:
+    """One benchmark JSON as a Markdown table (what docs/benchmarks.md shows)."""
+    lines = [f"| variant | weights GiB | peak GiB | ms/step | s/image ({data['steps']} steps) | vs bf16 eager "
+             "| first call s | warm-start first call s | rel. error vs bf16 |", "|---" * 9 + "|"]
+    base = next((v["ms_per_step"] for v in data["variants"] if v["variant"] == "bf16" and v["ms_per_step"]), None)
+    for v in data["variants"]:
+        if v["status"] != "ok":
+            lines.append(f"| {v['variant']} | {v['status']} |" + " |" * 7)
+            continue
+        speed = base / v["ms_per_step"] if base else None
+        lines.append(f"| {v['description']} | {_gib(v['weights_gib'])} | {_gib(v['peak_gib'])} | "
+                     f"{v['ms_per_step']:.1f} | {v['s_per_image']:.2f} | {_f(speed, 2, '×')} | "
+                     f"{_f(v['first_call_s'], 1)} | {_f(v['warm_first_call_s'], 1)} | {_f(v['rel_err_vs_bf16'], 4)} |")
+    return "\n".join(lines)
+
+
+def real_size_bytes(preset: str = "large") -> dict[str, dict[str, float]]:
+    """GiB of the real-size transformer per policy and of T5-XXL, bf16 → FP8 storage — computed exactly on the
+    ``meta`` device (no memory, no GPU): the same conversion code, without the numbers."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from ..precision.policies import POLICIES, TEXT_ENCODER_POLICY
+    from ..precision.quantize import module_bytes
+    from ..precision.storage import to_storage
+    from ..presets import get_preset, instantiate_transformer
+
+    out = {}
+    for name, policy in POLICIES.items():
+        model = instantiate_transformer(preset, device="meta").to(torch.bfloat16)
+        before = module_bytes(model)
+        layers = to_storage(model, policy)
+        out[f"transformer {name}"] = {"bf16_gib": before / 2**30, "fp8_gib": module_bytes(model) / 2**30,
+                                      "layers": len(layers)}
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(**{"vocab_size": 32128, **get_preset(preset).t5})).to(torch.bfloat16)
+    before = module_bytes(t5)
+    layers = to_storage(t5, TEXT_ENCODER_POLICY)
+    out["text_encoder_3 (T5-XXL)"] = {"bf16_gib": before / 2**30, "fp8_gib": module_bytes(t5) / 2**30,
+                                      "layers": len(layers)}
+    return out

@@ -1,0 +1,139 @@
+"""Resolve what the notebooks call "the model", and load it as a ``StableDiffusion3Pipeline``.
+
+One function decides where the weights are — ``"tiny"`` (the embedded default), a local diffusers folder,
+or a hub repo id — and from there every source takes the same code path. SD3.5 needs
+``StableDiffusion3Pipeline``: ``StableDiffusionPipeline`` (SD1.x/2.x) cannot load it, and
+``torch_dtype=torch.float8_e4m3fn`` is not a way to load FP8 (see ``notebooks/02``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..constants import DEFAULT_MODEL
+from ..errors import ModelNotFound
+from .tiny import TINY_MARKER
+
+SourceKind = Literal["tiny", "local", "hub"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+NONEXISTENT_REPOS: dict[str, str] = {
+    "stabilityai/stable-diffusion-3.5-fp8": (
+        "this repository does not exist (blog posts that tell you to git clone it are wrong). FP8 SD3.5 comes "
+        "from: 'Comfy-Org/stable-diffusion-3.5-fp8' (scaled-FP8 single files, e.g. "
+        "sd3.5_large_fp8_scaled.safetensors), or the gated 'stabilityai/stable-diffusion-3.5-large' / "
+        "'-medium' repos quantised to FP8 on load by sd35fp8"
+    ),
+}
+"""Repo ids people are told to use that do not exist, with what to use instead."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where "the model" lives once resolved: always a local diffusers-layout folder."""
+
+    spec: str
+    kind: SourceKind
+    path: Path
+
+    def __str__(self) -> str:
+        return f"{self.spec} ({self.kind}: {self.path})"
+
+    @property
+    def is_tiny(self) -> bool:
+        """True for the embedded tiny model, wherever it was written (it leaves a marker file)."""
+        return (self.path / TINY_MARKER).is_file()
+
+
+def resolve_model(model: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> ModelSource:
+    """Turn ``"tiny"``, a folder, or ``"owner/name"`` into a local diffusers folder.
+
+    * ``"tiny"`` builds (once, then cached) the embedded tiny SD3.5 pipeline;
+    * an existing folder must hold ``model_index.json`` (diffusers layout);
+    * a repo id is downloaded (or found in the cache) with ``huggingface_hub``.
+
+    Example:
+        >>> resolve_model("tiny").kind
+        'tiny'
+    """
+    spec = str(model)
+    if spec == "tiny":
+        from .tiny import tiny_model_path
+
+        return ModelSource(spec, "tiny", tiny_model_path(seed))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if (path / "model_index.json").is_file():
+            return ModelSource(spec, "local", path.absolute())
+        raise ModelNotFound(spec, f"{path} has no model_index.json, so it is not a diffusers pipeline folder",
+                            fix="point at the folder that holds model_index.json (the repository root), "
+                                "or run `sd35fp8 tiny DIR` to make one")
+    if spec in NONEXISTENT_REPOS:
+        raise ModelNotFound(spec, NONEXISTENT_REPOS[spec],
+                            fix="use --model stabilityai/stable-diffusion-3.5-medium (after accepting its licence)")
+    if _REPO_ID.match(spec):
+        return ModelSource(spec, "hub", _download(spec))
+    raise ModelNotFound(spec, "is neither 'tiny', an existing folder, nor a hub repo id like 'owner/name'",
+                        fix="check the spelling, or pass --model tiny")
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a diffusers-layout repo (safetensors only) into the hub cache: disk preflight, typed errors."""
+    from ..weights.hub import DIFFUSERS_INCLUDE, download
+
+    return download(repo_id, include=DIFFUSERS_INCLUDE, verify=False).path  # headers: load_pipeline checks them
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str):
+    """bf16 on GPUs (SD3.5's native precision); float32 on CPU, where bf16 matmuls are slow."""
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_pipeline(model: str | Path = DEFAULT_MODEL, *, device: str | None = None, dtype=None,
+                  text_encoder_3: bool = True, check_hashes: bool = False):
+    """Load "the model" as a ``StableDiffusion3Pipeline`` on ``device`` (default: CUDA if present, else CPU).
+
+    ``text_encoder_3=False`` drops T5-XXL (``text_encoder_3=None, tokenizer_3=None``): 4.8B parameters
+    less, at the cost of weaker prompt following for long prompts.
+
+    A local or downloaded folder is verified first (:func:`~sd35fp8_helpers.weights.verify.require_loadable`:
+    pointer files, truncated or corrupt safetensors, missing components), so a bad folder raises
+    ``ModelVerificationFailed`` naming each file and its fix instead of a safetensors stack trace.
+    ``check_hashes=True`` also compares sha256 sums where known (reads every byte: slow for real models).
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    from ..display import quiet_loading_bars
+
+    quiet_loading_bars()
+    source = resolve_model(model)
+    if source.kind != "tiny":  # built here, so known good; anything from outside is checked first
+        from ..weights.verify import require_loadable
+
+        require_loadable(source.path, check_hashes=check_hashes)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    extra = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
+    from ..precision.checkpoint import load_fp8_components, read_manifest
+
+    manifest = read_manifest(source.path)  # a folder written by `sd35fp8 quantize`: FP8 layers built as stored
+    extra.update(load_fp8_components(source.path, dtype=dtype, skip=tuple(extra)) if manifest else {})
+    pipe = StableDiffusion3Pipeline.from_pretrained(source.path, torch_dtype=dtype, use_safetensors=True, **extra)
+    pipe.sd35fp8_source = source  # remembered for PNG metadata and reports
+    if manifest:
+        from ..precision.checkpoint import report_for_loaded
+
+        pipe.sd35fp8_fp8 = report_for_loaded(pipe, manifest)
+    return pipe.to(device)

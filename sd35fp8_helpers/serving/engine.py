@@ -1,0 +1,112 @@
+"""The shared generation function: one resident pipeline per precision, used by the API worker and the Gradio demo.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Sequence
+
+from ..constants import DEFAULT_MODEL
+from ..errors import Sd35fp8Error
+from ..pipeline.generation import (
+    GenerationResult,
+    GenerationSettings,
+    generate,
+    pipeline_limits,
+)
+from ..precision.quantize import apply_precision_
+from ..vocabulary import PRECISIONS
+
+# --- the shared generation function (API worker and Gradio demo) -----------------------------------------
+
+class JobCancelled(Exception):
+    """Raised from the step callback when the client has gone or the deadline passed (control flow only)."""
+
+
+class ImageEngine:
+    """The resident pipeline(s) and the one function that turns settings into images.
+
+    The API worker and the Gradio demo both call :meth:`render`; a lock makes sure only one generation
+    uses a pipeline at a time, whoever asks. Pipelines are loaded on first use and kept, one per precision
+    (the API uses only its start-up precision; the demo may ask for another).
+
+    Example:
+        >>> engine = ImageEngine("tiny", device="cpu")
+        >>> engine.render([GenerationSettings("a cat", steps=2, height=64, width=64)])[0].image.size
+        (64, 64)
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, precision: str = "bf16", device: str | None = None,
+                 memory_strategy: str | None = None, pipe=None) -> None:
+        check_precision(precision)
+        self.model = model
+        self.precision = precision
+        self.memory_strategy = memory_strategy
+        self.device = device or (str(pipe.device) if pipe is not None else None)
+        self._pipes: dict[str, Any] = {} if pipe is None else {precision: pipe}  # pipe: already loaded
+        self._lock = threading.RLock()
+
+    def pipeline(self, precision: str | None = None):
+        """The pipeline for ``precision`` (default: the engine's), loaded and converted on first use."""
+        precision = precision or self.precision
+        pipe = self._pipes.get(precision)  # no lock once loaded: request checks never wait for a generation
+        if pipe is not None:
+            return pipe
+        check_precision(precision)
+        with self._lock:
+            if precision not in self._pipes:
+                self._pipes[precision] = self._load(precision)
+            return self._pipes[precision]
+
+    def _load(self, precision: str):
+        from ..pipeline.loading import default_device, load_pipeline
+
+        self.device = self.device or default_device()
+        pipe = load_pipeline(self.model, device=self.device)
+        apply_precision_(pipe, precision)  # "bf16" = as loaded (float32 on CPU)
+        if self.memory_strategy:
+            from ..memory.strategies import get_strategy
+
+            get_strategy(self.memory_strategy).apply(pipe, self.device)
+        return pipe
+
+    def limits(self, precision: str | None = None) -> tuple[int, int]:
+        """(size multiple, largest side) of one pass, from the pipeline itself."""
+        return pipeline_limits(self.pipeline(precision))
+
+    def defaults(self, precision: str | None = None) -> tuple[int, int]:
+        """(native side in px, default steps) of the served model: what a request without size/steps gets."""
+        from ..presets import LARGE, TINY
+
+        pipe = self.pipeline(precision)
+        source = getattr(pipe, "sd35fp8_source", None)
+        steps = (TINY if source is not None and source.is_tiny else LARGE).default_steps
+        return pipe.transformer.config.sample_size * pipe.vae_scale_factor, steps
+
+    def render(self, settings: Sequence[GenerationSettings], *, precision: str | None = None,
+               should_stop: Callable[[], bool] = lambda: False) -> list[GenerationResult]:
+        """Generate one image per settings, in order; ``should_stop()`` is asked before each step.
+
+        When it says True, :class:`JobCancelled` is raised from the pipeline's step callback, which ends
+        the denoising loop at once (``pipe._interrupt`` would still run the VAE decode for nobody).
+        """
+        def on_step(_step: int, _total: int) -> None:
+            if should_stop():
+                raise JobCancelled()
+
+        precision = precision or self.precision
+        with self._lock:
+            pipe = self.pipeline(precision)
+            results = []
+            for s in settings:
+                on_step(0, s.steps)  # a job cancelled between two images stops here
+                results.append(generate(pipe, s, on_step=on_step, progress=False, precision=precision))
+            return results  # PNG metadata names the precision key, as `sd35fp8 generate` does
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise Sd35fp8Error(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}",
+                           fix="use --precision bf16 (as loaded), fp8-storage or fp8-compute")
+
+
