@@ -7,7 +7,8 @@ Why: ``import sd35fp8_helpers`` and ``sd35fp8 --help`` must not import torch or 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 # --- named defaults ---------------------------------------------------------------------------
 DEFAULT_MODEL = "tiny"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 
 
 def quiet_libraries() -> None:
@@ -52,7 +53,7 @@ def setup_notebook() -> None:
         pass
 
 
-def images_dir(output_dir: str | os.PathLike | None = None) -> "Path":
+def images_dir(output_dir: str | os.PathLike | None = None) -> Path:
     """Where a notebook saves images: its ``output_dir`` parameter, else ``$SD35FP8_OUTPUT_DIR/images``."""
     from pathlib import Path
 

@@ -62,13 +62,13 @@ def precision_label(precision: str, compute_dtype: str | None = None) -> str:
 
 # --- model sources ---------------------------------------------------------------------------------------
 
-SourceKind = Literal["embedded", "tiny", "local", "comfy-file", "git", "hub"]
+SourceKind = Literal["tiny", "local", "comfy-file", "git", "hub"]
 
 EMBEDDED_MODELS: tuple[str, ...] = ("tiny",)
 """Names that build or ship inside the package (no download)."""
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-GIT_URL = re.compile(r"^(file|https?|ssh|git)://|^[\w.-]+@[\w.-]+:|\.git$")
+GIT_URL = re.compile(r"^(https?://|file://|ssh://|git@)|\.git/?$")
 
 NONEXISTENT_REPOS: dict[str, str] = {
     "stabilityai/stable-diffusion-3.5-fp8": (
@@ -105,8 +105,7 @@ def classify_model_spec(spec: str | Path) -> SourceSpec:
     if s in EMBEDDED_MODELS:
         return SourceSpec(s, "tiny")
     if s in NONEXISTENT_REPOS:
-        raise ModelNotFound(s, NONEXISTENT_REPOS[s], fix="use Comfy-Org/stable-diffusion-3.5-fp8 (load_comfy_pipeline) "
-                                                         "or stabilityai/stable-diffusion-3.5-large + quantize_")
+        check_repo_id(s)
     path = Path(s).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
         return SourceSpec(s, "comfy-file")
@@ -116,6 +115,24 @@ def classify_model_spec(spec: str | Path) -> SourceSpec:
         return SourceSpec(s, "git")
     if REPO_ID.match(s):
         return SourceSpec(s, "hub")
-    raise ModelNotFound(s, "not a folder, a .safetensors file, a git URL or an owner/name repo id",
-                        fix="pass tiny, a diffusers folder (with model_index.json), a Comfy .safetensors file, "
-                            "a git URL, or a hub id such as stabilityai/stable-diffusion-3.5-medium")
+    raise ModelNotFound(s, "is neither 'tiny', an existing folder or .safetensors file, a git URL, nor a hub repo "
+                           "id like 'owner/name'", fix=MODEL_SPEC_FIX)
+
+
+MODEL_SPEC_FIX = ("check the spelling; pass tiny, a diffusers folder (with model_index.json), a Comfy .safetensors "
+                  "file, a git URL, or a hub id such as stabilityai/stable-diffusion-3.5-medium")
+NONEXISTENT_FIX = ("use Comfy-Org/stable-diffusion-3.5-fp8 (sd35fp8 download … --include "
+                   "sd3.5_large_fp8_scaled.safetensors, then load_comfy_pipeline), or a gated stabilityai repo "
+                   "quantised on load (quantize_)")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Refuse a repo id that does not exist (with what to use instead) or is not ``owner/name``."""
+    from .errors import ModelNotFound
+
+    if repo_id in NONEXISTENT_REPOS:
+        raise ModelNotFound(repo_id, NONEXISTENT_REPOS[repo_id], fix=NONEXISTENT_FIX)
+    if not REPO_ID.match(repo_id):
+        raise ModelNotFound(repo_id, "is not a hub repo id", fix="use owner/name, e.g. "
+                                                                 "stabilityai/stable-diffusion-3.5-medium")
+    return repo_id

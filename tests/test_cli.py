@@ -24,8 +24,8 @@ def test_console_script_is_installed():
 
 
 def test_tiny_then_from_pretrained_generates(cli, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
     import torch
+    from diffusers import StableDiffusion3Pipeline
 
     result = cli("tiny", str(tmp_path / "tiny"))
     assert result.returncode == 0, result.stderr
@@ -68,14 +68,14 @@ def test_fp8_image_reproduces_from_png_with_its_precision(cli, tiny_model_dir, t
     (["--prompt", "x", "--width", "512"], "width=512 is over this model's single-pass limit of 256 px"),
     (["--prompt", ""], "--prompt is required"),
     (["--prompt", "x", "--model", "stabilityai/stable-diffusion-3.5-fp8"], "does not exist"),
-    (["--prompt", "x", "--model", "./no/such/folder/"], "is neither 'tiny', an existing folder, nor a hub repo id"),
+    (["--prompt", "x", "--model", "./no/such/folder/"], "is neither 'tiny', an existing folder or .safetensors file, a git URL, nor a hub repo id"),
 ])
 def test_generate_errors_are_one_line_with_exit_1(cli, tiny_model_dir, args, needle):
     if "--model" not in args:
         args = [*args, "--model", str(tiny_model_dir)]
     result = cli("generate", *args)
     assert result.returncode == 1
-    lines = [l for l in result.stderr.splitlines() if l.startswith("sd35fp8 generate: error:")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("sd35fp8 generate: error:")]
     assert len(lines) == 1 and needle in lines[0]
     assert "Traceback" not in result.stderr
 
@@ -91,3 +91,27 @@ def test_usage_error_exits_2(cli):
     result = cli("no-such-command")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["no metadata", "foreign metadata"])
+def test_generate_from_someone_elses_png_is_one_line_not_a_traceback(cli, tmp_path, kind):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if kind == "foreign metadata":
+        info.add_text("sd35fp8", "not json at all")
+    Image.new("RGB", (8, 8)).save(tmp_path / "theirs.png", pnginfo=info)
+    r = cli("generate", "--from-png", str(tmp_path / "theirs.png"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("sd35fp8 generate: error: png=") and "fix:" in r.stderr
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`sd35fp8 doctor | head -1` used to end with a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "sd35fp8_helpers.cli", "doctor"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes a byte
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode in (0, 1)  # the doctor's own verdict, not a crash

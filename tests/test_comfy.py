@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sd35fp8_helpers.precision.comfy import (SCALED_FP8_MARKER, TRANSFORMER_PREFIX, _diffusers_to_original, inspect_comfy_file,
-                                   load_comfy_pipeline, save_comfy_checkpoint)
-from sd35fp8_helpers.errors import ComfyFormatError
-from sd35fp8_helpers.precision.storage import is_fp8_storage
 from latents import rel_error, tiny_latents
+
+from sd35fp8_helpers.errors import ComfyFormatError
+from sd35fp8_helpers.precision.comfy import (
+    SCALED_FP8_MARKER,
+    TRANSFORMER_PREFIX,
+    _diffusers_to_original,
+    inspect_comfy_file,
+    load_comfy_pipeline,
+    save_comfy_checkpoint,
+)
+from sd35fp8_helpers.precision.storage import is_fp8_storage
 
 
 @pytest.fixture(scope="module")

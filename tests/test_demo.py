@@ -28,13 +28,14 @@ def test_demo_page_builds_and_its_button_returns_an_image(engine):
     assert {"prompt", "seed", "steps", "size", "precision", "image"} <= labels
     image, info = page.sd35fp8_generate("a red fox", 3, 2, "64×64 (square)", "bf16")
     assert image.size == (64, 64)
-    assert info.startswith("64×64, 2 steps, seed 3, bf16 on cpu")  # the precision key, as `generate` writes it
+    # the same label the playground shows for the same pipeline (one answer to "what precision is this?")
+    assert info.startswith("64×64, 2 steps, seed 3, as loaded (float32) on cpu")
 
 
 def test_demo_fp8_storage_uses_its_own_pipeline(engine):
     page = build_demo(engine)
     image, info = page.sd35fp8_generate("a red fox", 3, 2, "64×64 (square)", "fp8-storage")
-    assert image.size == (64, 64) and "fp8-storage on cpu" in info
+    assert image.size == (64, 64) and "FP8 storage on cpu" in info
     assert engine.pipeline("bf16") is not engine.pipeline("fp8-storage")
 
 

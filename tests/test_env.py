@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from sd35fp8_helpers.doctor import checks as env
 from sd35fp8_helpers.constants import Settings
+from sd35fp8_helpers.doctor import checks as env
 from sd35fp8_helpers.doctor.checks import Facts, evaluate, fp8_mode_available, parse_version
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from latents import rel_error, tiny_latents
 
 from sd35fp8_helpers import load_pipeline
 from sd35fp8_helpers.errors import FP8ComputeUnavailable, Sd35fp8Error
@@ -13,7 +14,6 @@ from sd35fp8_helpers.precision.checkpoint import FP8_MANIFEST, save_quantized
 from sd35fp8_helpers.precision.policies import POLICIES
 from sd35fp8_helpers.precision.quantize import FP8Config, module_bytes, quantize_
 from sd35fp8_helpers.precision.storage import is_fp8_storage, quantize_tensor
-from latents import rel_error, tiny_latents
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fake_hub import BAD_TOKEN, COMMIT, FakeHub, repo_files
+
 from sd35fp8_helpers.errors import ModelNotFound, NotEnoughDisk
 from sd35fp8_helpers.weights.hub import check_disk, known_sources, plan_download
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sd35fp8_helpers.weights import lfs
 from sd35fp8_helpers.errors import GitCommandFailed, GitLfsMissing
+from sd35fp8_helpers.weights import lfs
 from sd35fp8_helpers.weights.verify import verify_model
 
 WEIGHTS = ["text_encoder/model.safetensors", "text_encoder_2/model.safetensors", "text_encoder_3/model.safetensors",

@@ -9,11 +9,17 @@ import torch
 
 from sd35fp8_helpers import GenerationSettings, load_pipeline
 from sd35fp8_helpers.errors import InvalidPlanInput, OutOfMemoryAfterFallback
-from sd35fp8_helpers.memory.strategies import (
-    STRATEGIES, emulated_card, generate_by_stage, generate_with_fallback, get_strategy, measure,
-    misplaced_modules, weight_bytes,
-)
 from sd35fp8_helpers.memory.plan import ARCHITECTURE, GIB, count_architecture, plan, predict
+from sd35fp8_helpers.memory.strategies import (
+    STRATEGIES,
+    emulated_card,
+    generate_by_stage,
+    generate_with_fallback,
+    get_strategy,
+    measure,
+    misplaced_modules,
+    weight_bytes,
+)
 
 SETTINGS = GenerationSettings("a red fox in the snow", steps=2, height=128, width=128)
 

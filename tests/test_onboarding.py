@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sd35fp8_helpers.pipeline.generation import read_png_metadata
-from sd35fp8_helpers.onboarding.setup import EXIT_CODES, SetupConfig, image_sha256, run_setup
 from sd35fp8_helpers.onboarding.report import build_report, compare, write_report
+from sd35fp8_helpers.onboarding.setup import EXIT_CODES, SetupConfig, image_sha256, run_setup
+from sd35fp8_helpers.pipeline.generation import read_png_metadata
 
 FAKE_TOKEN = "hf_sd35fp8OnboardingFakeToken987654321"
 
@@ -96,7 +96,7 @@ def test_doctor_stage_fails_for_fp8_compute_on_cpu_and_for_nonsense(tmp_path):
     assert not (tmp_path / "d").exists()  # nothing written before the stage that writes
 
     result, _ = _quiet(SetupConfig("not a model!", tmp_path / "d"))
-    assert result.exit_code == 10 and "is not 'tiny', an existing folder" in result.failed.detail
+    assert result.exit_code == 10 and "is neither 'tiny', an existing folder" in result.failed.detail
 
 
 def test_disk_stage_refuses_before_downloading(lfs_remote, tmp_path):

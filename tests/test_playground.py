@@ -17,9 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sd35fp8_helpers.interactive.playground import (
+    Playground,
+    available_memory_strategies,
+    available_precisions,
+    difference_heatmap,
+    psnr,
+    size_presets,
+)
 from sd35fp8_helpers.pipeline.generation import read_png_metadata
-from sd35fp8_helpers.interactive.playground import (Playground, available_memory_strategies, available_precisions,
-                                        difference_heatmap, psnr, size_presets)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -200,7 +206,7 @@ def test_restoring_a_precision_this_machine_lacks_says_so(make_playground):
     (entry,) = pg.run()
     meta = entry.result.metadata()
     pg.apply_metadata({**meta, "precision": "fp8-compute", "memory": "cpu-offload"})
-    assert ("precision &#x27;FP8 compute&#x27; is not available on this machine; kept &#x27;BF16 / as loaded "
+    assert ("precision &#x27;FP8 compute&#x27; is not available on this machine; kept &#x27;as loaded "
             "(float32)&#x27;") in _error(pg)
     assert "memory &#x27;model CPU offload&#x27; is not available" in pg.message.value
     assert (pg.precision.value, pg.memory.value) == ("bf16", "none")

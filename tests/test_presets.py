@@ -46,10 +46,10 @@ def test_single_pass_limit(preset, max_px):
 
 @pytest.mark.parametrize("preset", list(PRESETS.values()), ids=lambda p: p.name)
 def test_dimension_rules_of_stable_diffusion_3_pipeline(preset):
-    t, l, g, t5 = preset.transformer, preset.clip_l, preset.clip_g, preset.t5
-    assert l["hidden_size"] + g["hidden_size"] <= t5["d_model"]  # CLIP states padded up to T5 width
+    t, clip_l, g, t5 = preset.transformer, preset.clip_l, preset.clip_g, preset.t5
+    assert clip_l["hidden_size"] + g["hidden_size"] <= t5["d_model"]  # CLIP states padded up to T5 width
     assert t["joint_attention_dim"] == t5["d_model"]
-    assert t["pooled_projection_dim"] == l["projection_dim"] + g["projection_dim"]
+    assert t["pooled_projection_dim"] == clip_l["projection_dim"] + g["projection_dim"]
     assert t["caption_projection_dim"] == t["num_attention_heads"] * t["attention_head_dim"]
     assert preset.vae["latent_channels"] == t["in_channels"] == 16
 

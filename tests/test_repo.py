@@ -6,10 +6,10 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def _readme_commands() -> list[str]:
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     commands = [c for c in _readme_commands() if c.startswith("./bootstrap.sh")]
     assert commands == ["./bootstrap.sh notebooks", "./bootstrap.sh test"]
-    ci = [l.strip() for l in (REPO / ".ci/run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    ci = [line.strip() for line in (REPO / ".ci/run").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert "./bootstrap.sh test" in ci
     assert os.access(REPO / ".ci/run", os.X_OK) and os.access(REPO / "bootstrap.sh", os.X_OK)
     assert "jupyter lab" in (REPO / "README.md").read_text()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import logging
 import json
+import logging
 import os
 import re
 import socket
@@ -25,14 +25,13 @@ import httpx
 import pytest
 
 from sd35fp8_helpers.cli import main
-from sd35fp8_helpers.errors import ServerStartFailed, Sd35fp8Error
+from sd35fp8_helpers.errors import Sd35fp8Error, ServerStartFailed
 from sd35fp8_helpers.serving.app import _error_for
+from sd35fp8_helpers.serving.auth import KeyStore, RateLimiter, bearer_token, hash_api_key, new_api_key, parse_key_line
+from sd35fp8_helpers.serving.client import decode_images, read_metrics, serve_in_background
 from sd35fp8_helpers.serving.config import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, ServeConfig
 from sd35fp8_helpers.serving.engine import ImageEngine
 from sd35fp8_helpers.serving.service import ImageService, Job
-from sd35fp8_helpers.serving.client import decode_images, read_metrics, serve_in_background
-from sd35fp8_helpers.serving.auth import (KeyStore, RateLimiter, bearer_token, hash_api_key, new_api_key,
-                                        parse_key_line)
 
 ROUTE = "/v1/images/generations"
 MARKER = "zebra-7f3a"  # in every prompt sent; must never reach a log line
@@ -342,8 +341,8 @@ def test_a_request_past_its_deadline_is_cancelled_with_504_and_prompts_are_logge
 
 
 def test_out_of_memory_in_one_job_is_a_503_and_the_worker_keeps_serving(own_pipe):
-    from sd35fp8_helpers.pipeline.generation import GenerationSettings
     from sd35fp8_helpers.memory.strategies import emulated_card
+    from sd35fp8_helpers.pipeline.generation import GenerationSettings
 
     pipe = own_pipe
     service = ImageService(ImageEngine("tiny", pipe=pipe), ServeConfig(queue_size=2))

@@ -274,9 +274,9 @@ def run_bench(preset: str = "tiny", *, height: int | None = None, width: int | N
     """
     import torch
 
-    from ..pipeline.generation import library_versions
     from ..pipeline.loading import default_device
     from ..presets import get_preset
+    from ..versions import library_versions
 
     p = get_preset(preset)
     device = device or default_device()
@@ -288,13 +288,7 @@ def run_bench(preset: str = "tiny", *, height: int | None = None, width: int | N
         from ..errors import Sd35fp8Error
 
         raise Sd35fp8Error(f"unknown variant(s) {unknown}", fix=f"choose from {', '.join(VARIANTS)}")
-    versions = library_versions()
-    try:
-        import torchao
-
-        versions["torchao"] = torchao.__version__
-    except ImportError:
-        pass
+    versions = library_versions(optional=True)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     result = BenchResult(preset, height, width, steps, name, versions, time.strftime("%Y-%m-%d"), command, [])
     reference = None

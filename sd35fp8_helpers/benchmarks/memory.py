@@ -247,17 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rungs", nargs="*", default=None, help="only these strategies (default: the whole ladder)")
     ap.add_argument("--skip-emulated", action="store_true")
     args = ap.parse_args(argv)
-    import diffusers
-    import transformers
+    from ..versions import library_versions
 
-    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__}
-    try:
-        import torchao
-
-        versions["torchao"] = torchao.__version__
-    except ImportError:
-        pass
+    versions = library_versions(optional=True)
     device_name = torch.cuda.get_device_name()
     command = "python3 -m sd35fp8_helpers.benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict = {"device": device_name, "versions": versions, "date": datetime.date.today().isoformat(),

@@ -17,7 +17,8 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..constants import REPO_ROOT
 from ..highres.tiling import TileConfig, decode_tiled, plan_tiles
@@ -191,18 +192,12 @@ def bench_large(size: int, steps: int, device: str, preset: str = "large") -> di
 def environment(device: str) -> dict:
     import platform
 
-    import diffusers
     import torch
-    import transformers
 
-    env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
-           "diffusers": diffusers.__version__, "transformers": transformers.__version__, "device": device}
-    try:
-        import torchao
+    from ..versions import library_versions
 
-        env["torchao"] = torchao.__version__
-    except ImportError:
-        pass
+    env = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+           **library_versions(optional=True), "device": device}
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     return env

@@ -16,8 +16,8 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import Sd35fp8Error
 
@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # inside the try: a reader that went away (`| head`) is noticed here, not at exit
+        return code
     except Sd35fp8Error as exc:
         print(f"sd35fp8 {args.command}: error: {exc.one_line}", file=sys.stderr)
         return 1

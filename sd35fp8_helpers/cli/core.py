@@ -66,7 +66,7 @@ def generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..constants import settings
-    from ..pipeline.generation import GenerationSettings, read_png_metadata
+    from ..pipeline.generation import GenerationSettings, native_size, read_png_metadata
     from ..pipeline.generation import generate as render
     from ..pipeline.loading import load_pipeline
     from ..precision.quantize import apply_precision_
@@ -91,7 +91,7 @@ def generate(args: argparse.Namespace) -> int:
     if gen is None:
         from ..presets import LARGE, TINY
 
-        native = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        native = native_size(pipe)
         steps = args.steps or (TINY if pipe.sd35fp8_source.is_tiny else LARGE).default_steps
         gen = GenerationSettings(args.prompt, args.negative_prompt, args.seed, steps, args.guidance,
                                  args.height or native, args.width or native)

@@ -32,8 +32,9 @@ Example (noise has no seam; a tone step of 40 levels along column 128 is one):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 SEAM_TOLERANCE = 0.10
 """|ratio − 1| allowed (see the module docstring for the calibration behind it)."""

@@ -45,8 +45,9 @@ Example (like ``pipe.vae.decode(latents).sample``, at any size):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Literal
+from typing import Any, Literal
 
 from ..errors import InvalidTilingInput
 

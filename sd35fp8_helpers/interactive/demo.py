@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..errors import Sd35fp8Error
 from ..pipeline.generation import GenerationSettings
-from ..vocabulary import PRECISIONS
+from ..vocabulary import precision_label
 from .playground import available_precisions, size_presets
 
 DEFAULT_DEMO_PORT = 7860
@@ -41,7 +41,8 @@ def demo_generate(engine, prompt: str, seed: int, steps: int, size: str, precisi
     settings = GenerationSettings(prompt, seed=int(seed), steps=int(steps), height=height, width=width)
     result = engine.render([settings], precision=precision)[0]
     return result.image, (f"{width}×{height}, {settings.steps} steps, seed {settings.seed}, "
-                          f"{result.precision} on {result.device}, {result.seconds:.2f} s")
+                          f"{precision_label(result.precision, result.extra.get('compute_dtype'))} on {result.device}, "
+                          f"{result.seconds:.2f} s")
 
 
 def build_demo(engine):
@@ -67,7 +68,8 @@ def build_demo(engine):
                 n_steps = gr.Slider(1, 50, value=steps, step=1, label="steps")
                 size = gr.Dropdown(sizes, value=next((s for s in sizes if s.startswith(f"{native}×{native}")),
                                                      sizes[0]), label="size")
-                precision = gr.Dropdown([(PRECISIONS[p], p) for p in precisions], value=engine.precision,
+                dtype = "float32" if str(engine.device).startswith("cpu") else "bfloat16"
+                precision = gr.Dropdown([(precision_label(p, dtype), p) for p in precisions], value=engine.precision,
                                         label="precision")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():

@@ -41,13 +41,15 @@ from ..pipeline.generation import (
     GenerationResult,
     GenerationSettings,
     StepCallback,
+    compute_dtype,
     generate,
+    native_size,
     pipeline_limits,
     read_png_metadata,
 )
 from ..precision.quality import psnr
 from ..precision.quantize import apply_precision_
-from ..vocabulary import PRECISIONS  # precision keys (stored in PNG metadata) and their labels
+from ..vocabulary import PRECISIONS, precision_label  # precision keys (stored in PNG metadata) and their labels
 
 MEMORY_STRATEGIES: dict[str, str] = {"none": "none", "vae-tiling": "VAE tiling", "cpu-offload": "model CPU offload"}
 """Memory strategy keys (stored in PNG metadata) and their labels. CPU offload is offered on CUDA only."""
@@ -208,7 +210,7 @@ class Playground:
         self.last_psnr: float | None = None  # compare mode's latest PSNR (dB) and BF16 | FP8 | heat-map image
         self.last_comparison = None
         self.multiple, self.max_side = pipeline_limits(pipe)
-        native = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        native = native_size(pipe)
         self.sizes = size_presets(self.multiple, self.max_side, native)
 
         source = getattr(pipe, "sd35fp8_source", None)
@@ -229,8 +231,7 @@ class Playground:
                                description="size")
         self.width = w.IntText(value=native, description="width", layout=w.Layout(width="12em"))
         self.height = w.IntText(value=native, description="height", layout=w.Layout(width="12em"))
-        dtype = str(pipe.transformer.dtype).replace("torch.", "")
-        labels = {**PRECISIONS, "bf16": "BF16" if dtype == "bfloat16" else f"BF16 / as loaded ({dtype})"}
+        labels = {k: precision_label(k, compute_dtype(pipe)) for k in PRECISIONS}
         self.precision = w.Dropdown(options=[(labels[k], k) for k in available_precisions(self.device)],
                                     value="bf16", description="precision")
         self.memory = w.Dropdown(options=[(MEMORY_STRATEGIES[k], k) for k in available_memory_strategies(self.device)],

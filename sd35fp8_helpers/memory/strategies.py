@@ -35,8 +35,9 @@ import contextlib
 import gc
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 from ..errors import InvalidPlanInput, OutOfMemoryAfterFallback, PipelinePlacementError
 

@@ -25,19 +25,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from ..constants import DISK_SAFETY_FACTOR
 from ..errors import Sd35fp8Error, SetupStageFailed
+from ..vocabulary import SourceKind
 
 Precision = Literal["auto", "bf16", "fp8-storage", "fp8-compute"]
-SourceKind = Literal["tiny", "local", "comfy-file", "git", "hub"]
 STAGES = ("doctor", "disk", "fetch", "verify", "load", "smoke", "summary")
 EXIT_CODES = {stage: 10 + i for i, stage in enumerate(STAGES)}
 """A failing stage exits with its own code: doctor 10, disk 11, fetch 12, verify 13, load 14, smoke 15."""
@@ -53,7 +53,6 @@ _UNEXPECTED_FIX = {
 """Fix shown when a stage fails with an error sd35fp8 did not anticipate (the error itself is shown too)."""
 STATE_FILE = "setup-state.json"
 SMOKE_IMAGE = "smoke.png"
-_GIT_URL = re.compile(r"^(https?://|file://|ssh://|git@)|\.git/?$")
 
 
 @dataclass(frozen=True)
@@ -115,22 +114,18 @@ class SetupResult:
 
 
 def classify_source(model: str) -> SourceKind:
-    """``tiny`` | an existing folder | an existing ``.safetensors`` file | a git URL | a hub repo id."""
-    from ..pipeline.loading import _REPO_ID
+    """``tiny`` | an existing folder | an existing ``.safetensors`` file | a git URL | a hub repo id.
 
-    if model == "tiny":
-        return "tiny"
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return "local"
-    if path.is_file() and path.suffix == ".safetensors":
-        return "comfy-file"
-    if _GIT_URL.search(model):
-        return "git"
-    if _REPO_ID.match(model):
-        return "hub"
-    raise SetupStageFailed("doctor", f"{model!r} is not 'tiny', an existing folder or .safetensors file, a git URL, "
-                           "or a hub repo id", fix="check the spelling; e.g. sd35fp8 setup tiny")
+    The one classifier (:func:`~sd35fp8_helpers.vocabulary.classify_model_spec`); a name it cannot place fails
+    the doctor stage with its message and fix.
+    """
+    from ..errors import ModelNotFound
+    from ..vocabulary import classify_model_spec
+
+    try:
+        return classify_model_spec(model).kind
+    except ModelNotFound as exc:
+        raise SetupStageFailed("doctor", str(exc).split("\n")[0], fix=exc.fix) from exc
 
 
 # --- state: what earlier runs proved ---------------------------------------------------------------------
@@ -328,7 +323,7 @@ class _Run:
 
     # 5 + 6
     def _smoke_key(self) -> dict[str, Any]:
-        from ..pipeline.generation import library_versions
+        from ..versions import library_versions
 
         return {"precision": self.config.precision, "fingerprint": _fingerprint(self.model_path),
                 "versions": library_versions()}
@@ -344,14 +339,14 @@ class _Run:
         return "ok", detail
 
     def _stage_smoke(self) -> tuple[str, str]:
-        from ..pipeline.generation import GenerationSettings, generate, pipeline_limits
+        from ..pipeline.generation import GenerationSettings, generate, native_size, pipeline_limits
 
         image = self.config.dir / SMOKE_IMAGE
         if self.config.dry_run:
             return "planned", f"would generate one small image → {image}"
         if self.pipe is None:  # load was skipped: the image is valid
             return "skipped", f"{image} (pixels sha256 {self._done('smoke')['image_sha256'][:12]}…)"
-        native = self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
+        native = native_size(self.pipe)
         side = min(native, 512, pipeline_limits(self.pipe)[1])  # small: a smoke test, not a render
         result = generate(self.pipe, GenerationSettings("a photo of an astronaut riding a horse on the moon",
                                                         seed=0, steps=4, height=side, width=side), progress=False,

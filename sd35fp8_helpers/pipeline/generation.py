@@ -8,14 +8,25 @@ so a wrong size fails in milliseconds with the nearest valid value, not after th
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import InvalidGenerationInput
+from ..versions import library_versions
+from ..vocabulary import parse_precision, precision_label
 
 PNG_METADATA_KEY = "sd35fp8"
+
+MAX_SEED = 2**64 - 1
+"""torch generators take 64-bit seeds; a larger one would fail deep inside the pipeline."""
+MAX_STEPS = 1000
+"""More denoising steps than any scheduler schedule is useful for; past it a typo holds the GPU for hours."""
+MAX_GUIDANCE = 100.0
+"""Classifier-free guidance far past ~20 only saturates the image; NaN or infinity poisons every latent."""
 
 
 @dataclass(frozen=True)
@@ -69,14 +80,6 @@ class GenerationResult:
         return path
 
 
-def library_versions() -> dict[str, str]:
-    import diffusers
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
-
-
 def read_png_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata :meth:`GenerationResult.save` wrote; ``settings`` rebuilds a :class:`GenerationSettings`."""
     from PIL import Image
@@ -84,12 +87,29 @@ def read_png_metadata(path: str | Path) -> dict[str, Any]:
     with Image.open(path) as img:
         raw = img.text.get(PNG_METADATA_KEY)  # type: ignore[attr-defined]
     if raw is None:
-        raise ValueError(f"{path} carries no sd35fp8 metadata (was it saved by sd35fp8?)")
-    return json.loads(raw)
+        raise InvalidGenerationInput("png", str(path), "carries no sd35fp8 metadata, so its settings are unknown",
+                                     fix="use a PNG saved by sd35fp8 (generate, the playground, serve), or pass "
+                                         "--prompt/--seed to make a new image")
+    try:
+        meta = json.loads(raw)
+        GenerationSettings(**meta["settings"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidGenerationInput("png", str(path), f"has sd35fp8 metadata that cannot be read ({exc})",
+                                     fix="the file was edited or written by another version; pass --prompt "
+                                         "and --seed instead") from exc
+    return meta
 
 
 def settings_from_png(path: str | Path) -> GenerationSettings:
     return GenerationSettings(**read_png_metadata(path)["settings"])
+
+
+def native_size(pipe) -> int:
+    """The side, in pixels, this pipeline's transformer was trained at (SD3.5: 1024; the tiny model: 128).
+
+    The one place it is computed: ``sample_size`` (latent side) times the VAE's downscale factor.
+    """
+    return pipe.transformer.config.sample_size * pipe.vae_scale_factor
 
 
 def pipeline_limits(pipe) -> tuple[int, int]:
@@ -119,12 +139,35 @@ def check_settings(s: GenerationSettings, *, multiple: int = 16, max_side: int |
             raise InvalidGenerationInput(
                 name, value, f"is over this model's single-pass limit of {max_side} px",
                 fix="generate at or below the limit, then use tiled generation (notebook 04) to go larger")
-    if not isinstance(s.steps, int) or s.steps < 1:
-        raise InvalidGenerationInput("steps", s.steps, "must be a whole number >= 1")
-    if not isinstance(s.seed, int) or s.seed < 0:
-        raise InvalidGenerationInput("seed", s.seed, "must be a whole number >= 0")
-    if s.guidance_scale < 0:
-        raise InvalidGenerationInput("guidance_scale", s.guidance_scale, "must be >= 0 (1 disables guidance)")
+    if isinstance(s.steps, bool) or not isinstance(s.steps, int) or not 1 <= s.steps <= MAX_STEPS:
+        raise InvalidGenerationInput("steps", s.steps, f"must be a whole number from 1 to {MAX_STEPS}")
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED:
+        raise InvalidGenerationInput("seed", s.seed, f"must be a whole number from 0 to 2**64-1 ({MAX_SEED})",
+                                     fix="any seed in range gives a reproducible image; e.g. seed % 2**64")
+    g = s.guidance_scale
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= MAX_GUIDANCE:
+        raise InvalidGenerationInput("guidance_scale", g, f"must be a finite number from 0 to {MAX_GUIDANCE:g} "
+                                     "(0 or 1 disables guidance; SD3.5 uses 3.5-7)")
+    if not isinstance(s.negative_prompt, str):
+        raise InvalidGenerationInput("negative_prompt", s.negative_prompt, "must be text")
+
+
+def pipeline_precision(pipe) -> str:
+    """The :data:`~sd35fp8_helpers.vocabulary.PRECISIONS` name a pipeline is in: ``fp8-storage`` /
+    ``fp8-compute`` after :func:`~sd35fp8_helpers.precision.quantize_` (or an FP8 checkpoint), else ``bf16``
+    ("as loaded"). Read from the pipeline, never passed around, so a PNG cannot record the wrong one."""
+    report = getattr(pipe, "sd35fp8_fp8", None)
+    return f"fp8-{report.mode}" if report is not None else "bf16"
+
+
+def compute_dtype(pipe) -> str:
+    """The dtype activations run in (``bfloat16`` on GPU, ``float32`` for the tiny model on CPU)."""
+    return str(pipe.transformer.dtype).removeprefix("torch.")
+
+
+def precision_label_of(pipe) -> str:
+    """What to show people: ``BF16``, ``FP8 storage``, ``FP8 compute``, or ``as loaded (float32)``."""
+    return precision_label(pipeline_precision(pipe), compute_dtype(pipe))
 
 
 StepCallback = Callable[[int, int], None]
@@ -148,6 +191,11 @@ def generate(pipe, settings: GenerationSettings, *, on_step: StepCallback | None
 
     multiple, max_side = pipeline_limits(pipe)
     check_settings(settings, multiple=multiple, max_side=max_side)
+    actual = pipeline_precision(pipe)
+    if precision is not None and parse_precision(precision) != actual:
+        raise InvalidGenerationInput("precision", precision, f"does not match the pipeline, which is in {actual}",
+                                     fix=f"apply_precision_(pipe, {precision!r}) first, or leave precision out: "
+                                         "it is read from the pipeline")
     pipe.set_progress_bar_config(disable=not progress, desc="denoising")
 
     def _callback(_pipe, step_index, _timestep, kwargs):
@@ -165,8 +213,7 @@ def generate(pipe, settings: GenerationSettings, *, on_step: StepCallback | None
     )
     seconds = time.perf_counter() - start
     source = getattr(pipe, "sd35fp8_source", None)
-    dtype = str(pipe.transformer.dtype).replace("torch.", "")
     return GenerationResult(image=out.images[0], settings=settings, seconds=seconds,
                             model=source.spec if source else "unknown",
-                            precision=precision or dtype, device=str(pipe.device),
-                            extra={"compute_dtype": dtype})
+                            precision=actual, device=str(pipe.device),
+                            extra={"compute_dtype": compute_dtype(pipe)})

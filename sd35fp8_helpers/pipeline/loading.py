@@ -8,28 +8,13 @@ or a hub repo id — and from there every source takes the same code path. SD3.5
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from ..constants import DEFAULT_MODEL
 from ..errors import ModelNotFound
+from ..vocabulary import NONEXISTENT_REPOS, SourceKind, classify_model_spec  # noqa: F401  (re-exported)
 from .tiny import TINY_MARKER
-
-SourceKind = Literal["tiny", "local", "hub"]
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-NONEXISTENT_REPOS: dict[str, str] = {
-    "stabilityai/stable-diffusion-3.5-fp8": (
-        "this repository does not exist (blog posts that tell you to git clone it are wrong). FP8 SD3.5 comes "
-        "from: 'Comfy-Org/stable-diffusion-3.5-fp8' (scaled-FP8 single files, e.g. "
-        "sd3.5_large_fp8_scaled.safetensors), or the gated 'stabilityai/stable-diffusion-3.5-large' / "
-        "'-medium' repos quantised to FP8 on load by sd35fp8"
-    ),
-}
-"""Repo ids people are told to use that do not exist, with what to use instead."""
 
 
 @dataclass(frozen=True)
@@ -61,24 +46,25 @@ def resolve_model(model: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> ModelS
         'tiny'
     """
     spec = str(model)
-    if spec == "tiny":
+    kind = classify_model_spec(spec).kind  # one classifier, one set of messages (vocabulary.py)
+    if kind == "tiny":
         from .tiny import tiny_model_path
 
         return ModelSource(spec, "tiny", tiny_model_path(seed))
     path = Path(spec).expanduser()
-    if path.exists():
+    if kind == "local":
         if (path / "model_index.json").is_file():
             return ModelSource(spec, "local", path.absolute())
         raise ModelNotFound(spec, f"{path} has no model_index.json, so it is not a diffusers pipeline folder",
                             fix="point at the folder that holds model_index.json (the repository root), "
                                 "or run `sd35fp8 tiny DIR` to make one")
-    if spec in NONEXISTENT_REPOS:
-        raise ModelNotFound(spec, NONEXISTENT_REPOS[spec],
-                            fix="use --model stabilityai/stable-diffusion-3.5-medium (after accepting its licence)")
-    if _REPO_ID.match(spec):
-        return ModelSource(spec, "hub", _download(spec))
-    raise ModelNotFound(spec, "is neither 'tiny', an existing folder, nor a hub repo id like 'owner/name'",
-                        fix="check the spelling, or pass --model tiny")
+    if kind == "comfy-file":
+        raise ModelNotFound(spec, "is a single .safetensors file, not a diffusers folder",
+                            fix="load it with load_comfy_pipeline(FILE) or `sd35fp8 setup FILE` (Comfy scaled FP8)")
+    if kind == "git":
+        raise ModelNotFound(spec, "is a git URL", fix="`sd35fp8 setup URL --dir DIR` clones it with Git LFS and "
+                                                     "verifies it; then pass DIR/model")
+    return ModelSource(spec, "hub", _download(spec))
 
 
 def _download(repo_id: str) -> Path:

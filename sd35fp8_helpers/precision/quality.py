@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..pipeline.generation import native_size
+
 DEFAULT_POLICIES = ("all-linear", "hybrid", "diffusers-default")
 
 
@@ -120,7 +122,7 @@ def quality_report(model: str = "tiny", *, policies: tuple[str, ...] = DEFAULT_P
     for policy in (None, *policies):
         pipe = load_pipeline(model, device=device)
         pipe.set_progress_bar_config(disable=True)
-        side = size or pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        side = size or native_size(pipe)
         if policy is None:
             precision = str(pipe.transformer.dtype).replace("torch.", "")
         else:
@@ -139,7 +141,7 @@ def quality_report(model: str = "tiny", *, policies: tuple[str, ...] = DEFAULT_P
 def latent_error(pipe, reference_pipe, prompt: str = "a red fox in the snow", seed: int = 0, steps: int = 2,
                  size: int | None = None) -> float:
     """‖latents(pipe) − latents(reference_pipe)‖ / ‖latents(reference_pipe)‖ for one prompt/seed."""
-    side = size or pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    side = size or native_size(pipe)
     latents = []
     for p in (pipe, reference_pipe):
         p.set_progress_bar_config(disable=True)

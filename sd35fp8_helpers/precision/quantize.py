@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
-from ..vocabulary import parse_precision
 from ..errors import FP8ComputeUnavailable, Sd35fp8Error
+from ..vocabulary import parse_precision
 from .compute import compile_transformer, fp8_compute_support, to_compute
 from .policies import TEXT_ENCODER_POLICY, FilterFn, get_policy
 from .storage import to_storage
@@ -30,7 +30,7 @@ class FP8Config:
     """
 
     mode: Mode = "auto"
-    policy: Union[str, FilterFn] = "all-linear"
+    policy: str | FilterFn = "all-linear"
     text_encoder_3: bool = True
     clip: bool = False
     compile: bool = True

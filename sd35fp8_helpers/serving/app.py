@@ -43,7 +43,8 @@ import secrets
 import time
 import traceback
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import InvalidGenerationInput, Sd35fp8Error, ServerStartFailed
 from ..pipeline.generation import GenerationResult, GenerationSettings

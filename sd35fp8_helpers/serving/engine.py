@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..constants import DEFAULT_MODEL
 from ..errors import Sd35fp8Error
@@ -12,6 +13,7 @@ from ..pipeline.generation import (
     GenerationResult,
     GenerationSettings,
     generate,
+    native_size,
     pipeline_limits,
 )
 from ..precision.quantize import apply_precision_
@@ -81,7 +83,7 @@ class ImageEngine:
         pipe = self.pipeline(precision)
         source = getattr(pipe, "sd35fp8_source", None)
         steps = (TINY if source is not None and source.is_tiny else LARGE).default_steps
-        return pipe.transformer.config.sample_size * pipe.vae_scale_factor, steps
+        return native_size(pipe), steps
 
     def render(self, settings: Sequence[GenerationSettings], *, precision: str | None = None,
                should_stop: Callable[[], bool] = lambda: False) -> list[GenerationResult]:

@@ -10,8 +10,8 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import Sd35fp8Error
 from ..pipeline.generation import GenerationSettings

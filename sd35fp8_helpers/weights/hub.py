@@ -29,9 +29,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ..constants import DISK_SAFETY_FACTOR, settings
 from ..doctor.checks import _existing_parent
@@ -40,11 +41,11 @@ from ..errors import (
     HubAuthFailed,
     HubError,
     HubOffline,
-    ModelNotFound,
     ModelVerificationFailed,
     NotEnoughDisk,
     RepoNotOnHub,
 )
+from ..vocabulary import check_repo_id
 
 DIFFUSERS_INCLUDE: tuple[str, ...] = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors")
 """A diffusers pipeline without its extras: configs, tokenizers and safetensors weights — never pickle weights,
@@ -93,13 +94,13 @@ KNOWN_SOURCES: tuple[KnownSource, ...] = (
                 }),
 )
 """From shared/REFERENCE.md §1. ``stabilityai/stable-diffusion-3.5-fp8`` is *not* here: it does not exist
-(see ``models.NONEXISTENT_REPOS``)."""
+(see :data:`~sd35fp8_helpers.vocabulary.NONEXISTENT_REPOS`)."""
 
 
 def known_sources() -> list[dict]:
     """The known sources as table rows (notebook 01), the non-existent repo included with what to use."""
     from ..display import human_bytes
-    from ..pipeline.loading import NONEXISTENT_REPOS
+    from ..vocabulary import NONEXISTENT_REPOS
 
     rows = [{"repo": s.repo_id, "layout": s.layout,
              "gated": {True: "yes: accept the licence", False: "no", None: "see model page"}[s.gated],
@@ -265,18 +266,6 @@ def check_disk(need_bytes: int, path: str | os.PathLike, free_bytes: int | None 
     return free
 
 
-def _check_repo_id(repo_id: str) -> None:
-    from ..pipeline.loading import _REPO_ID, NONEXISTENT_REPOS
-
-    if repo_id in NONEXISTENT_REPOS:
-        raise ModelNotFound(repo_id, NONEXISTENT_REPOS[repo_id],
-                            fix="sd35fp8 download Comfy-Org/stable-diffusion-3.5-fp8 --include "
-                                "sd3.5_large_fp8_scaled.safetensors (or a gated stabilityai repo)")
-    if not _REPO_ID.match(repo_id):
-        raise ModelNotFound(repo_id, "is not a hub repo id", fix="use owner/name, e.g. "
-                            "stabilityai/stable-diffusion-3.5-medium")
-
-
 def plan_download(repo_id: str, *, include: Sequence[str] | None = None, revision: str | None = None,
                   local_dir: str | os.PathLike | None = None, free_bytes: int | None = None) -> DownloadPlan:
     """Ask the hub what ``include`` selects and how big it is; refuse if it cannot fit. No file is fetched.
@@ -287,7 +276,7 @@ def plan_download(repo_id: str, *, include: Sequence[str] | None = None, revisio
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import filter_repo_objects
 
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     revision = revision or "main"
     api = HfApi()
     info = _call(repo_id, revision, api.model_info, repo_id, revision=revision)

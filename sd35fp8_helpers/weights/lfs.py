@@ -33,9 +33,9 @@ import platform
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..errors import GitCommandFailed, GitLfsMissing
 
