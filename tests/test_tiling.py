@@ -10,11 +10,16 @@ import pytest
 import torch
 
 from sd35fp8_helpers.errors import InvalidGenerationInput, InvalidTilingInput
-from sd35fp8_helpers.pipeline.generation import GenerationSettings, read_png_metadata
 from sd35fp8_helpers.highres.seams import SEAM_TOLERANCE, seam_ratio
-from sd35fp8_helpers.highres.tiled_diffusion import (TiledDiffusionConfig, generate_tiled, plan_windows, upscale_refine,
-                                             window_batch_size)
+from sd35fp8_helpers.highres.tiled_diffusion import (
+    TiledDiffusionConfig,
+    generate_tiled,
+    plan_windows,
+    upscale_refine,
+    window_batch_size,
+)
 from sd35fp8_helpers.highres.tiling import TileConfig, decode_tiled, encode_tiled, plan_tiles
+from sd35fp8_helpers.pipeline.generation import GenerationSettings, read_png_metadata
 
 EXACT = 1e-4
 """Relative error allowed when each tile's context covers the decoder's receptive field after the mid block

@@ -12,8 +12,14 @@ import pytest
 
 from sd35fp8_helpers.errors import ModelVerificationFailed
 from sd35fp8_helpers.weights.lfs import format_pointer
-from sd35fp8_helpers.weights.verify import (MANIFEST_NAME, InvalidSafetensors, VerifyConfig, read_safetensors_header,
-                                    verify_model, write_manifest)
+from sd35fp8_helpers.weights.verify import (
+    MANIFEST_NAME,
+    InvalidSafetensors,
+    VerifyConfig,
+    read_safetensors_header,
+    verify_model,
+    write_manifest,
+)
 
 VAE = "vae/diffusion_pytorch_model.safetensors"
 
