@@ -97,6 +97,37 @@ def test_oom_on_every_rung_raises_a_typed_error(pipe):
     assert misplaced_modules(pipe) == []
 
 
+def test_oom_fallback_frees_the_failed_attempt_before_the_next_rung(pipe):
+    """The failed attempt's activations must be gone before the next rung moves weights: inside the ``except``
+    block the traceback still holds them (on a real card that is the memory the next rung needs)."""
+    import dataclasses
+    import weakref
+
+    activations: list[weakref.ref] = []
+    alive_when_next_rung_applied: list[bool] = []
+
+    def run_out_once(_module, _args):
+        if not activations:
+            big = torch.empty(16 * 2**20 // 4)  # what the failed step had allocated, held by this frame only
+            activations.append(weakref.ref(big))
+            raise torch.OutOfMemoryError("CUDA out of memory (emulated in a test)")
+
+    @dataclasses.dataclass(frozen=True)
+    class Probe(type(get_strategy("fp8"))):
+        def apply(self, pipe, device=None, *, exact=False):
+            alive_when_next_rung_applied.append(activations[0]() is not None)
+            return super().apply(pipe, device, exact=exact)
+
+    handle = pipe.transformer.register_forward_pre_hook(run_out_once)
+    try:
+        probe = Probe(**{f.name: getattr(get_strategy("fp8"), f.name) for f in dataclasses.fields(Probe)})
+        out = generate_with_fallback(pipe, SETTINGS, (probe,), device="cpu", log=None)
+    finally:
+        handle.remove()
+    assert alive_when_next_rung_applied == [False]
+    assert out.strategy.fp8 and len(out.steps) == 1
+
+
 # --- predictor arithmetic -------------------------------------------------------------------------------
 
 def test_architecture_constants_match_the_configs():

@@ -559,17 +559,21 @@ def generate_with_fallback(pipe, settings, ladder: tuple[Strategy, ...] | None =
             result = generate(pipe, settings, progress=progress)
             return FallbackResult(result, state, steps)
         except torch.OutOfMemoryError as exc:
-            free_memory()
-            while pending and pending[0].merged(state).levers() == state.levers():
-                pending.pop(0)  # already implied by what is applied
-            if not pending:
-                raise OutOfMemoryAfterFallback(state.name, steps) from exc
-            nxt = pending.pop(0).merged(state)
-            changes = nxt.apply(pipe, device)
-            wrong = misplaced_modules(pipe)
-            if wrong:
-                raise PipelinePlacementError(nxt.name, wrong) from exc
-            line = f"out of memory with '{state.name}' → '{nxt.name}': {'; '.join(changes)}"
-            steps.append(line)
-            if log:
-                log(line)
+            failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'out of memory'}"
+        # Outside the except block on purpose: there the traceback still holds the failed attempt's frames, and
+        # with them every activation it allocated. Only now can free_memory() give that memory back, before
+        # the next rung moves weights around.
+        free_memory()
+        while pending and pending[0].merged(state).levers() == state.levers():
+            pending.pop(0)  # already implied by what is applied
+        if not pending:
+            raise OutOfMemoryAfterFallback(state.name, steps) from MemoryError(failure)
+        nxt = pending.pop(0).merged(state)
+        changes = nxt.apply(pipe, device)
+        wrong = misplaced_modules(pipe)
+        if wrong:
+            raise PipelinePlacementError(nxt.name, wrong) from MemoryError(failure)
+        line = f"out of memory with '{state.name}' → '{nxt.name}': {'; '.join(changes)}"
+        steps.append(line)
+        if log:
+            log(line)
