@@ -131,3 +131,18 @@ def test_png_with_foreign_or_broken_metadata_is_a_clear_error(tmp_path):
     with pytest.raises(InvalidGenerationInput, match="cannot be read") as err:
         read_png_metadata(tmp_path / "foreign.png")
     assert "--prompt" in err.value.fix
+
+
+def test_vae_tiling_engages_at_the_native_size(tiny_model_dir):
+    """diffusers' default tile is the VAE's sample size, so `enable_tiling()` did nothing at native size."""
+    from sd35fp8_helpers import load_pipeline
+    from sd35fp8_helpers.pipeline.decode import vae_tile_px
+
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu")
+    s = GenerationSettings("a red circle", steps=2, height=128, width=96)
+    plain = np.asarray(generate(pipe, s, progress=False).image, dtype=np.float32)
+    pipe.vae.enable_tiling()
+    tiled = np.asarray(generate(pipe, s, progress=False).image, dtype=np.float32)
+    assert pipe.vae.tile_sample_min_size == vae_tile_px(128, 96) == 32  # < 96: tiles along both axes
+    assert tiled.shape == plain.shape == (128, 96, 3)  # whole latent overlaps: no oversized tiled output
+    assert not np.array_equal(plain, tiled)  # the tiled decoder really ran (its blended seams differ)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import InvalidTilingInput
+from ..pipeline.decode import latents_to_image, scale_latents
 from ..pipeline.generation import (
     GenerationResult,
     GenerationSettings,
@@ -246,7 +247,7 @@ def upscale_refine(pipe, image: Any, settings: GenerationSettings, *, strength: 
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     vae = pipe.vae
     latents = encode_tiled(vae, pixels, config.vae).sample(generator)
-    latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).to(cond.embeds.dtype)
+    latents = scale_latents(vae, latents).to(cond.embeds.dtype)
     # the img2img schedule: skip the first (1 - strength) of the steps, noise the latents to where it starts
     _timesteps(pipe, settings.steps, plan, device)  # sets the full schedule on the shared scheduler …
     timesteps, _ = img2img.get_timesteps(settings.steps, strength, device)  # … img2img keeps its tail
@@ -353,10 +354,7 @@ def _windowed_velocity(pipe, latents, t, cond: Conditioning, plan: WindowPlan, w
 
 
 def _decode(pipe, latents, vae_config: TileConfig):
-    vae = pipe.vae
-    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-    image = decode_tiled(vae, latents.to(vae.dtype), vae_config)
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+    return latents_to_image(pipe, latents, decoder=lambda vae, z: decode_tiled(vae, z, vae_config))[0]
 
 
 def _result(pipe, image, settings: GenerationSettings, seconds: float, plan: WindowPlan,

@@ -40,14 +40,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ..errors import InvalidPlanInput, OutOfMemoryAfterFallback, PipelinePlacementError
+from ..pipeline.decode import VAE_TILE_PX, fit_vae_tiles, latents_to_image
 
 Offload = Literal["none", "model", "group", "sequential"]
 OFFLOAD_ORDER: tuple[str, ...] = ("none", "model", "group", "sequential")
 """Offload kinds from fastest to leanest; merging two strategies keeps the leaner one."""
-
-VAE_TILE_PX = 512
-"""Tile side for VAE tiling. diffusers' default tile is the VAE sample size (1024 px), which never
-activates at 1024²; 512 px tiles cut the 1024² decode peak from ~2.6 GiB to well under 1 GiB."""
 
 GROUP_BLOCK_MODULES: dict[str, list[str] | None] = {
     "transformer": None,                       # transformer_blocks is already a top-level ModuleList
@@ -460,10 +457,8 @@ def generate_by_stage(pipe, settings, *, progress: bool = False) -> StagedRun:
                            generator=torch.Generator("cpu").manual_seed(settings.seed), output_type="latent",
                            callback_on_step_end=_step_end).images
         with measure(device) as run.stages["decode"]:
-            vae = pipe.vae
-            latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-            image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-            run.image = pipe.image_processor.postprocess(image, output_type="pil")[0]
+            fit_vae_tiles(pipe, settings.height, settings.width)
+            run.image = latents_to_image(pipe, latents)[0]
             pipe.maybe_free_model_hooks()
     return run
 

@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import InvalidGenerationInput
 from ..versions import library_versions
 from ..vocabulary import parse_precision, precision_label
+from .decode import fit_vae_tiles
 
 PNG_METADATA_KEY = "sd35fp8"
 
@@ -203,6 +204,7 @@ def generate(pipe, settings: GenerationSettings, *, on_step: StepCallback | None
             on_step(step_index + 1, settings.steps)
         return kwargs
 
+    fit_vae_tiles(pipe, settings.height, settings.width)  # VAE tiling, if on, must engage at this size
     start = time.perf_counter()
     out = pipe(
         prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,

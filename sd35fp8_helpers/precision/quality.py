@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..pipeline.decode import latents_to_image
 from ..pipeline.generation import native_size
 
 DEFAULT_POLICIES = ("all-linear", "hybrid", "diffusers-default")
@@ -102,10 +103,7 @@ def _run(pipe, prompt: str, seed: int, steps: int, size: int):
     latents = pipe(prompt=prompt, num_inference_steps=steps, height=size, width=size, output_type="latent",
                    generator=torch.Generator("cpu").manual_seed(seed)).images
     seconds = time.perf_counter() - start
-    with torch.inference_mode():
-        vae = pipe.vae
-        decoded = vae.decode((latents / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)).sample
-        image = pipe.image_processor.postprocess(decoded, output_type="np")[0]
+    image = latents_to_image(pipe, latents, output_type="np")[0]
     return latents.float().cpu(), np.asarray(image, dtype=np.float32), seconds
 
 
