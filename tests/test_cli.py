@@ -115,3 +115,19 @@ def test_a_closed_pipe_ends_quietly():
     proc.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert proc.returncode in (0, 1)  # the doctor's own verdict, not a crash
+
+
+def test_generate_memory_strategies_are_the_ladder_and_tiling_engages_at_native_size(cli, tiny_model_dir, tmp_path):
+    """`--memory vae-tiling` used to call diffusers' tiling, which never engaged at the model's native size."""
+    base = ["generate", "--model", str(tiny_model_dir), "--prompt", "a red circle", "--steps", "2", "--device", "cpu"]
+    plain, tiled = tmp_path / "plain.png", tmp_path / "tiled.png"
+    assert cli(*base, "--out", str(plain)).returncode == 0
+    r = cli(*base, "--memory", "resident_tiled", "--out", str(tiled))
+    assert r.returncode == 0, r.stderr
+    assert read_png_metadata(tiled)["memory"] == "resident_tiled"
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(tiled)))  # tiles really ran
+    again = tmp_path / "again.png"
+    assert cli("generate", "--from-png", str(tiled), "--device", "cpu", "--out", str(again)).returncode == 0
+    assert np.array_equal(np.asarray(Image.open(tiled)), np.asarray(Image.open(again)))  # strategy re-applied
+    r = cli(*base, "--memory", "fp8_model_offload")
+    assert r.returncode == 1 and "has no GPU to offload from" in r.stderr and "Traceback" not in r.stderr

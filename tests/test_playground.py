@@ -19,12 +19,12 @@ from PIL import Image
 
 from sd35fp8_helpers.interactive.playground import (
     Playground,
-    available_memory_strategies,
     available_precisions,
     difference_heatmap,
     psnr,
     size_presets,
 )
+from sd35fp8_helpers.memory.strategies import offered_strategies, strategy_names
 from sd35fp8_helpers.pipeline.generation import read_png_metadata
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -63,7 +63,7 @@ def test_generate_shows_image_progress_info_and_history(make_playground):
     assert seen == [(i, 5, i, True) for i in range(1, 6)]
     assert (pg.progress.value, pg.progress.max, pg.progress.bar_style) == (5, 5, "success")
     assert pg.progress_text.value.endswith("step 5/5")
-    for text in ("seed 3", "5 steps", "128×128", "BF16 (float32)", "memory: none", "peak", "process peak RSS"):
+    for text in ("seed 3", "5 steps", "128×128", "as loaded (float32)", "memory: resident", "peak", "process peak RSS"):
         assert text in pg.info.value
     assert len(pg.history) == 1 and len(pg.gallery.children) == 1
     assert pg.history[0].path.is_file() and pg.history[0].peak.bytes > 0
@@ -78,7 +78,7 @@ def test_png_metadata_round_trips_and_cli_reproduces_identical_pixels(make_playg
     meta = read_png_metadata(entry.path)
     assert meta["settings"] == {"prompt": "a red fox", "negative_prompt": "blurry", "seed": 11, "steps": 4,
                                 "guidance_scale": 4.5, "height": 112, "width": 144}
-    assert (meta["precision"], meta["memory"], meta["compute_dtype"]) == ("bf16", "none", "float32")
+    assert (meta["precision"], meta["memory"], meta["compute_dtype"]) == ("bf16", "resident", "float32")
     assert set(meta["versions"]) == {"torch", "diffusers", "transformers"}
     assert meta["peak_memory"]["kind"] == "process peak RSS"
 
@@ -92,9 +92,9 @@ def test_vae_tiling_is_recorded_and_switched_on_for_one_generation(make_playgrou
     pg = make_playground()
     pg.prompt.value, pg.size.value = "a red fox", (144, 112)  # wider than the tiny VAE's 128 px tile
     (plain,) = pg.run()
-    pg.memory.value = "vae-tiling"
+    pg.memory.value = "resident_tiled"  # the memory ladder's own name, as `sd35fp8 plan` and `generate` use it
     (tiled,) = pg.run()
-    assert read_png_metadata(tiled.path)["memory"] == "vae-tiling" and "memory: VAE tiling" in pg.info.value
+    assert read_png_metadata(tiled.path)["memory"] == "resident_tiled" and "memory: resident_tiled" in pg.info.value
     assert not np.array_equal(_pixels(plain.path), _pixels(tiled.path)), "tiles decoded separately differ"
     assert not pg.pipe.vae.use_tiling, "the user's pipeline is left as it was"
 
@@ -205,11 +205,11 @@ def test_restoring_a_precision_this_machine_lacks_says_so(make_playground):
     pg.prompt.value = "a bridge"
     (entry,) = pg.run()
     meta = entry.result.metadata()
-    pg.apply_metadata({**meta, "precision": "fp8-compute", "memory": "cpu-offload"})
+    pg.apply_metadata({**meta, "precision": "fp8-compute", "memory": "fp8_model_offload"})
     assert ("precision &#x27;FP8 compute&#x27; is not available on this machine; kept &#x27;as loaded "
             "(float32)&#x27;") in _error(pg)
-    assert "memory &#x27;model CPU offload&#x27; is not available" in pg.message.value
-    assert (pg.precision.value, pg.memory.value) == ("bf16", "none")
+    assert "memory &#x27;fp8_model_offload&#x27; is not available" in pg.message.value
+    assert (pg.precision.value, pg.memory.value) == ("bf16", "resident")
 
 
 def test_compare_mode_renders_bf16_and_fp8_with_psnr_and_heatmap(make_playground, tiny_pipe):
@@ -229,10 +229,10 @@ def test_compare_mode_renders_bf16_and_fp8_with_psnr_and_heatmap(make_playground
     assert [read_png_metadata(e.path)["precision"] for e in pg.history] == ["bf16", "fp8-storage"]
     # the user's pipeline is untouched; the FP8 copy is loaded once and reused
     assert all(p.dtype == torch.float32 for p in tiny_pipe.transformer.parameters())
-    fp8_pipe = pg._pipeline("fp8-storage", False)
+    fp8_pipe = pg._pipes.get("fp8-storage")
     assert fp8_pipe is not tiny_pipe
     pg.run()
-    assert pg._pipeline("fp8-storage", False) is fp8_pipe and len(pg.history) == 4
+    assert pg._pipes.get("fp8-storage") is fp8_pipe and len(pg.history) == 4
 
 
 def test_psnr_and_heatmap_on_known_images():
@@ -257,8 +257,10 @@ def test_size_presets_respect_the_grid_and_the_limit():
 
 def test_options_offered_on_cpu():
     assert available_precisions("cpu") == ["bf16", "fp8-storage"]
-    assert available_memory_strategies("cpu") == ["none", "vae-tiling"]
-    assert available_memory_strategies("cuda")[-1] == "cpu-offload"
+    # one ladder for every interface: the playground offers memory.strategies' names, offloading only with a GPU
+    assert offered_strategies("cpu") == ["resident", "resident_tiled", "fp8", "fp8_tiled", "fp8_no_t5",
+                                         "fp8_no_t5_tiled"]
+    assert offered_strategies("cuda") == strategy_names() and "fp8_model_offload" in strategy_names()
 
 
 def test_random_seed_button(make_playground):

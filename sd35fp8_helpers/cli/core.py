@@ -41,6 +41,7 @@ def tiny(args: argparse.Namespace) -> int:
 # --- generate -------------------------------------------------------------------------------------
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
+    from ..memory.strategies import strategy_names
     from ..vocabulary import PRECISIONS
 
     p.add_argument("--model", default="tiny", help="tiny, a diffusers folder, or a hub repo id")
@@ -55,8 +56,9 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="bf16 = as loaded; FP8 storage runs anywhere, FP8 compute needs capability >= 8.9 "
                         "(default: bf16, or the PNG's with --from-png)")
-    p.add_argument("--memory", default=None, choices=["none", "vae-tiling", "cpu-offload"],
-                   help="memory strategy (default: none, or the PNG's with --from-png)")
+    p.add_argument("--memory", default=None, choices=strategy_names(), metavar="STRATEGY",
+                   help="a rung of the memory ladder (sd35fp8 plan ranks them; NAME_tiled adds VAE tiling); "
+                        "default: resident, or the PNG's with --from-png")
     p.add_argument("--from-png", default=None, help="reproduce an image saved by sd35fp8 from its PNG metadata "
                                                     "(settings, model, precision and memory strategy)")
     p.add_argument("--out", default=None, help="PNG to write (default: outputs/images/<seed>.png)")
@@ -66,9 +68,10 @@ def generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..constants import settings
+    from ..memory.strategies import DEFAULT_STRATEGY, parse_strategy
     from ..pipeline.generation import GenerationSettings, native_size, read_png_metadata
     from ..pipeline.generation import generate as render
-    from ..pipeline.loading import load_pipeline
+    from ..pipeline.loading import default_device, load_pipeline
     from ..precision.quantize import apply_precision_
 
     model, meta = args.model, {}
@@ -81,13 +84,12 @@ def generate(args: argparse.Namespace) -> int:
             raise Sd35fp8Error("--prompt is required (or --from-png FILE)", fix='sd35fp8 generate --prompt "a cat"')
         gen = None
     precision = args.precision or (meta.get("precision") if meta.get("precision", "").startswith("fp8-") else "bf16")
-    memory = args.memory or meta.get("memory", "none")
-    pipe = load_pipeline(model, device=args.device)
+    device = args.device or default_device()
+    strategy = parse_strategy(args.memory or meta.get("memory") or DEFAULT_STRATEGY, device)  # before any loading
+    pipe = load_pipeline(model, device=device)
     apply_precision_(pipe, precision)
-    if memory == "vae-tiling":
-        pipe.vae.enable_tiling()
-    elif memory == "cpu-offload":
-        pipe.enable_model_cpu_offload()
+    if strategy.name != "resident":
+        strategy.apply(pipe, pipe.device)
     if gen is None:
         from ..presets import LARGE, TINY
 
@@ -95,8 +97,8 @@ def generate(args: argparse.Namespace) -> int:
         steps = args.steps or (TINY if pipe.sd35fp8_source.is_tiny else LARGE).default_steps
         gen = GenerationSettings(args.prompt, args.negative_prompt, args.seed, steps, args.guidance,
                                  args.height or native, args.width or native)
-    result = render(pipe, gen, precision=precision)
-    result.extra["memory"] = memory
+    result = render(pipe, gen)  # its precision is read from the pipeline (a strategy may have added FP8)
+    result.extra["memory"] = strategy.name
     out = Path(args.out) if args.out else settings().output_dir / "images" / f"seed{gen.seed}.png"
     result.save(out)
     print(f"wrote {out} ({gen.width}x{gen.height}, {gen.steps} steps, seed {gen.seed}, "

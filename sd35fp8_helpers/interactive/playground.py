@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from ..display import human_bytes, images_dir
-from ..errors import Sd35fp8Error, UnsupportedEnvironment
+from ..errors import Sd35fp8Error
+from ..memory.strategies import DEFAULT_STRATEGY, LEGACY_NAMES, offered_strategies, strategy_names
+from ..pipeline.cache import PipelineCache
 from ..pipeline.generation import (
     GenerationResult,
     GenerationSettings,
@@ -48,11 +50,7 @@ from ..pipeline.generation import (
     read_png_metadata,
 )
 from ..precision.quality import psnr
-from ..precision.quantize import apply_precision_
 from ..vocabulary import PRECISIONS, precision_label  # precision keys (stored in PNG metadata) and their labels
-
-MEMORY_STRATEGIES: dict[str, str] = {"none": "none", "vae-tiling": "VAE tiling", "cpu-offload": "model CPU offload"}
-"""Memory strategy keys (stored in PNG metadata) and their labels. CPU offload is offered on CUDA only."""
 
 SIZE_SHAPES: dict[str, tuple[int, int]] = {"square": (1, 1), "landscape 4:3": (4, 3), "portrait 3:4": (3, 4),
                                            "wide 16:9": (16, 9)}
@@ -76,11 +74,6 @@ def available_precisions(device: str) -> list[str]:
 
     compute = device == "cuda" and fp8_compute_support(device)[0]
     return ["bf16", "fp8-storage"] + (["fp8-compute"] if compute else [])
-
-
-def available_memory_strategies(device: str) -> list[str]:
-    """CPU offload moves idle components from the GPU to CPU memory: meaningless without a GPU."""
-    return ["none", "vae-tiling"] + (["cpu-offload"] if device == "cuda" else [])
 
 
 def size_presets(multiple: int, max_side: int, native: int) -> dict[str, tuple[int, int]]:
@@ -175,8 +168,8 @@ class PlaygroundEntry:
     def describe(self) -> str:
         s = self.result.settings
         return (f"seed {s.seed} · {s.steps} steps · guidance {s.guidance_scale:g} · {s.width}×{s.height} · "
-                f"{PRECISIONS[self.precision]} ({self.result.extra['compute_dtype']}) · memory: "
-                f"{MEMORY_STRATEGIES[self.memory]} · {self.result.seconds:.2f} s · peak {self.peak} · "
+                f"{precision_label(self.precision, self.result.extra['compute_dtype'])} · memory: "
+                f"{self.memory} · {self.result.seconds:.2f} s · peak {self.peak} · "
                 f"{self.path.name}")
 
 
@@ -206,7 +199,7 @@ class Playground:
         self.out = images_dir(output_dir) / "playground"
         self.history: list[PlaygroundEntry] = []
         self._on_step = on_step
-        self._pipes: dict[tuple[str, bool], Any] = {("bf16", False): pipe}
+        self._pipes = PipelineCache(device=self.device, dtype=pipe.transformer.dtype, first=pipe)
         self.last_psnr: float | None = None  # compare mode's latest PSNR (dB) and BF16 | FP8 | heat-map image
         self.last_comparison = None
         self.multiple, self.max_side = pipeline_limits(pipe)
@@ -234,8 +227,8 @@ class Playground:
         labels = {k: precision_label(k, compute_dtype(pipe)) for k in PRECISIONS}
         self.precision = w.Dropdown(options=[(labels[k], k) for k in available_precisions(self.device)],
                                     value="bf16", description="precision")
-        self.memory = w.Dropdown(options=[(MEMORY_STRATEGIES[k], k) for k in available_memory_strategies(self.device)],
-                                 value="none", description="memory")
+        self.memory = w.Dropdown(options=[(n, n) for n in offered_strategies(self.device)], value=DEFAULT_STRATEGY,
+                                 description="memory")  # the ladder's own names (sd35fp8 plan ranks them)
         self.compare = w.Checkbox(value=False, description="compare BF16 with FP8 (same seed)", indent=False)
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="paint-brush")
         self.upload = w.FileUpload(accept=".png", multiple=False, description="load settings from PNG",
@@ -297,7 +290,8 @@ class Playground:
         self.width.value, self.height.value = s.width, s.height
         notes = []
         for control, key, names in [(self.precision, meta.get("precision", "bf16"), PRECISIONS),
-                                    (self.memory, meta.get("memory", "none"), MEMORY_STRATEGIES)]:
+                                    (self.memory, LEGACY_NAMES.get(meta.get("memory"), meta.get("memory", DEFAULT_STRATEGY)),
+                                     {n: n for n in strategy_names()})]:
             if key in dict(control.options).values():
                 control.value = key
             else:
@@ -375,34 +369,10 @@ class Playground:
             self.generate_button.disabled = False
         return []
 
-    def _pipeline(self, precision: str, offload: bool):
-        """The pipeline for a precision and offload choice: loaded and converted on first use, then cached."""
-        key = (precision, offload)
-        if key not in self._pipes:
-            source = getattr(self.pipe, "sd35fp8_source", None)
-            if source is None:
-                raise UnsupportedEnvironment(
-                    f"{PRECISIONS[precision]}{' with CPU offload' if offload else ''} needs a second copy of the "
-                    f"pipeline, and this one was not loaded by sd35fp8", fix="load it with "
-                    "sd35fp8_helpers.load_pipeline(model), which remembers where its weights are")
-            from ..pipeline.loading import load_pipeline
-
-            # With offload, load (and quantise for storage) on the CPU: the whole model may not fit on the GPU.
-            # FP8 compute is the exception: its float8 layers are built where they will run.
-            on_gpu = not offload or precision == "fp8-compute"
-            pipe = load_pipeline(str(source.path), device=self.device if on_gpu else "cpu",
-                                 dtype=self.pipe.transformer.dtype)
-            pipe.sd35fp8_source = source
-            apply_precision_(pipe, precision)
-            if offload:  # components wait in CPU memory and visit the GPU one at a time
-                pipe.enable_model_cpu_offload(device=self.device)
-            self._pipes[key] = pipe
-        return self._pipes[key]
-
     def _generate(self, settings: GenerationSettings, precision: str, *, offset: int = 0,
                   total: int | None = None) -> PlaygroundEntry:
         memory = self.memory.value
-        pipe = self._pipeline(precision, memory == "cpu-offload")
+        pipe = self._pipes.get(precision, memory)
         total = total or settings.steps
         self.progress.max, self.progress.value, self.progress.bar_style = total, offset, ""
         self.progress_text.value = f"{PRECISIONS[precision]}: step {offset}/{total}"
@@ -413,15 +383,10 @@ class Playground:
             if self._on_step is not None:
                 self._on_step(step, steps)
 
-        tiling = pipe.vae.use_tiling
-        pipe.vae.use_tiling = memory == "vae-tiling"
         from ..memory.strategies import measure
 
-        try:
-            with measure(self.device) as report:
-                result = generate(pipe, settings, on_step=on_step, progress=False, precision=precision)
-        finally:
-            pipe.vae.use_tiling = tiling
+        with measure(self.device) as report:
+            result = generate(pipe, settings, on_step=on_step, progress=False, precision=precision)
         peak = _peak(report)
         self.progress.bar_style = "success" if self.progress.value == self.progress.max else ""
         result.extra.update(memory=memory, peak_memory={"bytes": peak.bytes, "kind": peak.kind})

@@ -185,6 +185,36 @@ def get_strategy(name: str) -> Strategy:
                            fix=f"choose one of {', '.join(s.name for s in STRATEGIES)} (or NAME_tiled)")
 
 
+DEFAULT_STRATEGY = "resident"
+"""What every interface uses when no memory strategy is named: nothing moved, nothing converted."""
+
+LEGACY_NAMES: dict[str, str] = {"none": "resident", "vae-tiling": "resident_tiled"}
+"""Names older PNGs and commands used (the playground's former menu), read as the ladder's own names."""
+
+
+def strategy_names() -> list[str]:
+    """Every name :func:`get_strategy` accepts: the ladder's rungs and their ``_tiled`` variants, fastest first."""
+    names: list[str] = []
+    for s in STRATEGIES:
+        names += [s.name] if s.vae_tiling else [s.name, s.with_vae_tiling().name]
+    return names
+
+
+def offered_strategies(device: str) -> list[str]:
+    """The names an interface offers on ``device``: offloading needs a GPU to offload *from*."""
+    return [n for n in strategy_names() if device.startswith("cuda") or get_strategy(n).offload == "none"]
+
+
+def parse_strategy(name: str | None, device: str = "cuda") -> Strategy:
+    """A strategy from a name an interface received (None: :data:`DEFAULT_STRATEGY`), checked for ``device``."""
+    name = LEGACY_NAMES.get(name or DEFAULT_STRATEGY, name or DEFAULT_STRATEGY)
+    strategy = get_strategy(name)
+    if strategy.offload != "none" and not device.startswith("cuda"):
+        raise InvalidPlanInput("memory strategy", name, f"offloads to the CPU, and {device} has no GPU to offload from",
+                               fix=f"choose one of {', '.join(offered_strategies(device))}")
+    return strategy
+
+
 def current_strategy(pipe) -> Strategy:
     """The strategy last applied with :meth:`Strategy.apply`, or ``resident`` as loaded."""
     state = getattr(pipe, "_sd35fp8_strategy", None)

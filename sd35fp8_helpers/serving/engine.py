@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from ..constants import DEFAULT_MODEL
 from ..errors import Sd35fp8Error
+from ..pipeline.cache import PipelineCache
 from ..pipeline.generation import (
     GenerationResult,
     GenerationSettings,
@@ -16,7 +16,6 @@ from ..pipeline.generation import (
     native_size,
     pipeline_limits,
 )
-from ..precision.quantize import apply_precision_
 from ..vocabulary import PRECISIONS
 
 # --- the shared generation function (API worker and Gradio demo) -----------------------------------------
@@ -44,33 +43,19 @@ class ImageEngine:
         self.model = model
         self.precision = precision
         self.memory_strategy = memory_strategy
-        self.device = device or (str(pipe.device) if pipe is not None else None)
-        self._pipes: dict[str, Any] = {} if pipe is None else {precision: pipe}  # pipe: already loaded
-        self._lock = threading.RLock()
+        self._cache = PipelineCache(model, device=device, first=pipe,
+                                    first_key=(precision, memory_strategy or "resident"))
+        self._lock = threading.RLock()  # one generation at a time, whoever asks
+
+    @property
+    def device(self) -> str | None:
+        return self._cache.device
 
     def pipeline(self, precision: str | None = None):
         """The pipeline for ``precision`` (default: the engine's), loaded and converted on first use."""
         precision = precision or self.precision
-        pipe = self._pipes.get(precision)  # no lock once loaded: request checks never wait for a generation
-        if pipe is not None:
-            return pipe
         check_precision(precision)
-        with self._lock:
-            if precision not in self._pipes:
-                self._pipes[precision] = self._load(precision)
-            return self._pipes[precision]
-
-    def _load(self, precision: str):
-        from ..pipeline.loading import default_device, load_pipeline
-
-        self.device = self.device or default_device()
-        pipe = load_pipeline(self.model, device=self.device)
-        apply_precision_(pipe, precision)  # "bf16" = as loaded (float32 on CPU)
-        if self.memory_strategy:
-            from ..memory.strategies import get_strategy
-
-            get_strategy(self.memory_strategy).apply(pipe, self.device)
-        return pipe
+        return self._cache.get(precision, self.memory_strategy)
 
     def limits(self, precision: str | None = None) -> tuple[int, int]:
         """(size multiple, largest side) of one pass, from the pipeline itself."""
