@@ -64,6 +64,23 @@ def images_dir(output_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def raised(fn, *args, **kwargs) -> Exception | None:
+    """Call ``fn(*args, **kwargs)`` and return the exception it raised, or ``None`` if it returned.
+
+    A notebook cell that demonstrates an error shows it *and* asserts it happened, in three short lines:
+    ``error = raised(load_file, path)``, ``print(error)``, ``assert "header too large" in str(error)``.
+
+    Example:
+        >>> raised(int, "x").__class__.__name__, raised(int, "1")
+        ('ValueError', None)
+    """
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # the point is to hand it back, whatever it is
+        return exc
+    return None
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'; 16_106_127_360 -> '15.0 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

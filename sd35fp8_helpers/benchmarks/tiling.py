@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..constants import REPO_ROOT
-from ..highres.tiling import TileConfig, decode_tiled, plan_tiles
+from ..highres.tiling import TileConfig, decode_tiled, decode_with_diffusers, plan_tiles
 from ..presets import get_preset
 
 EQUAL_TILE_PX = 512
@@ -75,10 +75,10 @@ def bench_vae(preset: str, sizes: list[int], device: str, dtype, repeats: int,
         ref = None
 
         def untiled():
-            return _decode(vae, z)
+            return decode_with_diffusers(vae, z)
 
         def diffusers_tiled(t):
-            return lambda: _decode(vae, z, diffusers_tile_px=t)
+            return lambda: decode_with_diffusers(vae, z, t)
 
         ours_equal = TileConfig(tile_px=tile, progress=False)
         ours_budget = TileConfig(progress=False)
@@ -258,91 +258,10 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-# --- notebook 04: comparisons and plots (CPU-friendly) -----------------------------------------------------
+# --- reading the committed results (notebook 04) ---------------------------------------------------------
 
 BENCH_JSON = "docs/benchmarks/tiling.json"
 """The committed GPU measurements (written by ``main --json``), relative to the repository root."""
-
-
-def _decode(vae, latents, *, diffusers_tile_px: int | None = None):
-    """``vae.decode`` untiled, or with diffusers' own tiling at ``diffusers_tile_px`` (switched off again after)."""
-    import torch
-
-    if diffusers_tile_px is None:
-        with torch.no_grad():
-            return vae.decode(latents).sample
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    vae.enable_tiling()
-    vae.tile_sample_min_size, vae.tile_latent_min_size = diffusers_tile_px, diffusers_tile_px // factor
-    try:
-        with torch.no_grad():
-            return vae.decode(latents).sample
-    finally:
-        vae.disable_tiling()
-
-
-def compare_decoders(vae, latents, tile_px: int = 128) -> tuple[list[dict], dict[str, Any]]:
-    """Decode the same latents untiled, with diffusers' tiling, ours and naive tiles at ``tile_px``.
-
-    Returns table rows (error vs untiled, seam ratio at the tile borders, seconds) and the images.
-    """
-    from ..highres.seams import seam_ratio
-
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    h, w = latents.shape[-2] * factor, latents.shape[-1] * factor
-    ours = TileConfig(tile_px=tile_px, overlap_px=16, pad_px=24, progress=False)
-    naive = TileConfig(tile_px=tile_px, overlap_px=0, pad_px=0, sync_group_norm=False, progress=False)
-    stride = tile_px - tile_px // 4  # diffusers: 25 % overlap
-    diffusers_borders = ([y + tile_px // 8 for y in range(stride, h, stride)],
-                         [x + tile_px // 8 for x in range(stride, w, stride)])  # middle of each blend band
-
-    def diffusers_tiled():
-        return _decode(vae, latents, diffusers_tile_px=tile_px)
-
-    def untiled():
-        return _decode(vae, latents)
-
-    variants = [("untiled", untiled, plan_tiles(vae, h, w, ours).borders_px),
-                (f"diffusers enable_tiling ({tile_px} px)", diffusers_tiled, diffusers_borders),
-                (f"ours ({tile_px} px, whole-image GroupNorm)", lambda: decode_tiled(vae, latents, ours),
-                 plan_tiles(vae, h, w, ours).borders_px),
-                (f"naive ({tile_px} px, no overlap)", lambda: decode_tiled(vae, latents, naive),
-                 plan_tiles(vae, h, w, naive).borders_px)]
-    rows, images, ref = [], {}, None
-    for name, fn, (b_rows, b_cols) in variants:
-        start = time.perf_counter()
-        out = fn().float()
-        seconds = time.perf_counter() - start
-        ref = out if ref is None else ref
-        rows.append({"variant": name, "rel. error vs untiled": f"{_rel_error(out, ref):.2e}",
-                     "seam ratio": f"{seam_ratio(out, b_rows, b_cols).ratio:.3f}", "seconds": f"{seconds:.2f}"})
-        images[name] = out
-    return rows, images
-
-
-def to_pil(image):
-    """A (1, 3, H, W) tensor in [-1, 1] as a PIL image."""
-    from PIL import Image
-
-    a = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(a)
-
-
-def difference_strip(images: dict[str, Any], reference: str = "untiled", gain: float = 10.0):
-    """Each image's |difference| to the reference (× ``gain``), side by side with titles (a matplotlib figure)."""
-    import matplotlib.pyplot as plt
-
-    ref = images[reference]
-    others = [k for k in images if k != reference]
-    fig, axes = plt.subplots(1, len(others), figsize=(4 * len(others), 3.2))
-    for ax, name in zip(axes, others):
-        diff = ((images[name] - ref).abs()[0].mean(0) * gain).clamp(0, 1).cpu().numpy()
-        ax.imshow(diff, cmap="magma", vmin=0, vmax=1)
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"|tiled − untiled| × {gain:g} (black = identical)", fontsize=10)
-    fig.tight_layout()
-    return fig
 
 
 def memory_vs_resolution(json_path: str | None = None) -> tuple[list[dict], str]:

@@ -41,8 +41,9 @@ def e4m3_values() -> "torch.Tensor":
     return torch.unique(values[~values.isnan()])
 
 
-def scale_demo(stds: tuple[float, ...] = (0.02, 0.002, 0.0005), seed: int = 0) -> list[dict[str, Any]]:
-    """Relative error of a plain float8 cast vs a per-row-scaled one, for weights of decreasing size."""
+def scale_errors(stds: tuple[float, ...] = (0.02, 0.002, 0.0005), seed: int = 0) -> list[dict[str, float]]:
+    """For N(0, std) weights: the share below e4m3's smallest normal, and the relative error (and share of zeros)
+    of a plain float8 cast against a per-row-scaled one — as numbers, for a cell to assert on."""
     import torch
 
     rows = []
@@ -50,11 +51,17 @@ def scale_demo(stds: tuple[float, ...] = (0.02, 0.002, 0.0005), seed: int = 0) -
         w = torch.randn(256, 256, generator=torch.Generator().manual_seed(seed)) * std
         plain = w.to(torch.float8_e4m3fn).float()
         q, scale = quantize_tensor(w)
-        rows.append({"weights": f"N(0, {std:g})", "below 2^-6": f"{(w.abs() < 2**-6).float().mean():.0%}",
-                     "plain cast: error": f"{(plain - w).norm() / w.norm():.1%}",
-                     "plain cast: zeros": f"{(plain == 0).float().mean():.0%}",
-                     "with scale: error": f"{(q.float() * scale - w).norm() / w.norm():.1%}"})
+        rows.append({"std": std, "below_normal": float((w.abs() < 2**-6).float().mean()),
+                     "plain_error": float((plain - w).norm() / w.norm()), "plain_zeros": float((plain == 0).float().mean()),
+                     "scaled_error": float((q.float() * scale - w).norm() / w.norm())})
     return rows
+
+
+def scale_demo(stds: tuple[float, ...] = (0.02, 0.002, 0.0005), seed: int = 0) -> list[dict[str, Any]]:
+    """:func:`scale_errors` as table rows: relative error of a plain float8 cast vs a per-row-scaled one."""
+    return [{"weights": f"N(0, {r['std']:g})", "below 2^-6": f"{r['below_normal']:.0%}",
+             "plain cast: error": f"{r['plain_error']:.1%}", "plain cast: zeros": f"{r['plain_zeros']:.0%}",
+             "with scale: error": f"{r['scaled_error']:.1%}"} for r in scale_errors(stds, seed)]
 
 
 def seed_mistakes(model: str = "tiny") -> list[dict[str, str]]:
