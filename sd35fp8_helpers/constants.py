@@ -19,6 +19,10 @@ Environment variables (read by :func:`settings`, once per process; tests build t
 ``SD35FP8_API_KEYS``       Keys ``sd35fp8 serve`` accepts, comma-separated (plain keys, hashed at start-up, or
                            ``LABEL sha256:SALT:DIGEST`` lines from ``sd35fp8 api-key``); added to ``--keys-file``.
                            Never printed (``repr`` hides it) or logged.
+``SD35FP8_BROKER_URL``     Redis URL of the job queue (``redis://HOST:PORT/0``) for ``serve``, ``worker`` and
+                           ``batch`` when ``--broker`` is not given. May hold a password: shown without it.
+``SD35FP8_JWT_SECRET``     HS256 secret ``sd35fp8 serve`` verifies JWT bearer tokens with (or
+                           ``--jwt-secret-file``). Never printed (``repr`` hides it) or logged.
 =========================  ===========================================================================
 """
 
@@ -31,8 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # --- named defaults ---------------------------------------------------------------------------
-DEFAULT_MODEL = "tiny"
-"""What the notebooks, the CLI and the tests call "the model" unless told otherwise."""
+EMBEDDED_MODEL = "scenes"
+"""The model shipped inside the package: a tiny SD3.5 (real classes) trained on captioned synthetic scenes, so
+its images mean something (``sd35fp8_helpers/models/sd35-scenes/README.md`` is its model card)."""
+
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "sd35-scenes"
+
+DEFAULT_MODEL = EMBEDDED_MODEL
+"""What the notebooks, the CLI, the playground, the server and ``setup`` call "the model" unless told otherwise.
+``tiny`` (random weights, built in a second) stays for tests that need only the architecture."""
 
 DEFAULT_OUTPUT_DIR = "outputs"
 MIN_PYTHON = (3, 10)
@@ -82,6 +93,8 @@ class Settings:
     hub_offline: bool
     token_in_env: bool
     api_keys: str = field(default="", repr=False)
+    broker_url: str = field(default="", repr=False)
+    jwt_secret: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -97,6 +110,8 @@ class Settings:
             hub_offline=(env.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}),
             token_in_env=bool(env.get("HF_TOKEN", "").strip()),
             api_keys=env.get("SD35FP8_API_KEYS", ""),
+            broker_url=env.get("SD35FP8_BROKER_URL", "").strip(),
+            jwt_secret=env.get("SD35FP8_JWT_SECRET", ""),
         )
 
 

@@ -21,7 +21,9 @@
      ├── OutOfMemoryAfterFallback (MemoryError)  every rung of the memory ladder ran out of memory
      ├── PipelinePlacementError (RuntimeError)   a strategy change left modules on the wrong device
      ├── SetupStageFailed (RuntimeError)         a `sd35fp8 setup` stage failed (names the stage)
-     └── ServerStartFailed (RuntimeError)        `sd35fp8 serve` exited or was not ready (message: its last log lines)
+     ├── ServerStartFailed (RuntimeError)        `sd35fp8 serve` exited or was not ready (message: its last log lines)
+     ├── QueueUnavailable (ConnectionError)      the Redis job queue cannot be reached (URL shown without its password)
+     └── RedisServerMissing (FileNotFoundError)  `redis-server` is not installed (message: the install command)
 
 A user can catch everything sd35fp8 raises on purpose with ``except sd35fp8_helpers.errors.Sd35fp8Error``; the
 CLI prints such an error as one line (message, then fix) and exits 1.
@@ -234,3 +236,26 @@ class RepoNotOnHub(HubError, FileNotFoundError):
 
 class HubOffline(HubError, ConnectionError):
     """``HF_HUB_OFFLINE=1`` is set, or the hub cannot be reached (no network, proxy, wrong ``HF_ENDPOINT``)."""
+
+
+class QueueUnavailable(Sd35fp8Error, ConnectionError):
+    """The Redis server behind the job queue (``--broker``) did not answer in time, or refused the connection.
+
+    Example message: ``the job queue at redis://127.0.0.1:6379/0 cannot be reached (Connection refused)
+    fix: start Redis (redis-server --port 6379) or pass the right --broker URL``. A password in the URL is
+    never shown.
+    """
+
+    def __init__(self, url: str, reason: str, *, fix: str = "") -> None:
+        self.url = url
+        super().__init__(f"the job queue at {url} cannot be reached ({reason})",
+                         fix=fix or "start Redis (e.g. `redis-server --port 6379`) or pass the right --broker URL")
+
+
+class RedisServerMissing(Sd35fp8Error, FileNotFoundError):
+    """``redis-server`` is not on PATH, so a local queue (tests, notebook 06) cannot be started."""
+
+    def __init__(self) -> None:
+        super().__init__("redis-server is not installed: the job queue needs a Redis server",
+                         fix="sudo apt-get install -y redis-server (macOS: brew install redis), or point "
+                             "--broker at a Redis server elsewhere")
