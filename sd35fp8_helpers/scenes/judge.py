@@ -419,13 +419,28 @@ def generate_images(pipe, texts: Sequence[str], seeds: Sequence[int], *, batch_s
     return images
 
 
+def _judge_pair(args: tuple[Any, SceneSpec]) -> Verdict:
+    return judge(*args)
+
+
+def judge_many(images: Sequence[Any], specs: Sequence[SceneSpec], workers: int = 1) -> list[Verdict]:
+    """:func:`judge` over many images, in ``workers`` processes (the judge is pure numpy: it parallelises)."""
+    pairs = list(zip(images, specs, strict=True))
+    if workers <= 1 or len(pairs) < 32:
+        return [judge(i, s) for i, s in pairs]
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers) as pool:
+        return pool.map(_judge_pair, pairs, chunksize=8)
+
+
 def prompt_adherence(pipe_or_images, prompts, seeds: Sequence[int] = (0, 1), *, batch_size: int = 16,
-                     **pipe_kwargs: Any) -> AdherenceReport:
+                     workers: int = 1, **pipe_kwargs: Any) -> AdherenceReport:
     """Per-attribute accuracy of a pipeline (or of ready images) on ``prompts`` × ``seeds``.
 
     ``prompts`` are :class:`~.dataset.EvalPrompt` (or ``(text, SceneSpec)`` pairs); images are taken, or made,
     in the order prompt 1 seed 1, prompt 1 seed 2, …; ``pipe_kwargs`` (steps, guidance, size…) go to the
-    pipeline unchanged.
+    pipeline unchanged; ``workers`` processes judge the images.
 
     Example:
         >>> from .dataset import evaluation_prompts
@@ -445,7 +460,7 @@ def prompt_adherence(pipe_or_images, prompts, seeds: Sequence[int] = (0, 1), *, 
         images = list(pipe_or_images)
         if len(images) != len(jobs):
             raise ValueError(f"got {len(images)} images for {len(pairs)} prompts × {len(seeds)} seeds = {len(jobs)}")
-    verdicts = [judge(img, spec) for img, (_, spec, _, _) in zip(images, jobs, strict=True)]
+    verdicts = judge_many(images, [j[1] for j in jobs], workers)
     records = [{"id": pid, "seed": seed, "prompt": text, "all_ok": v.all_ok, "summary": v.summary(),
                 "seen": [None if o.seen is None else asdict(o.seen) for o in v.objects],
                 "background": v.background_seen}
