@@ -55,6 +55,29 @@ class Preset:
     scheduler: dict[str, Any] = field(default_factory=lambda: {"shift": 3.0})
     default_steps: int = 28
     default_guidance: float = 4.5
+    architecture: str = ""
+    """The preset whose weights' shapes this one shares (``large-turbo`` → ``large``); empty = its own name."""
+    repo_ids: tuple[str, ...] = ()
+    """Hub repositories of this model: how a loaded pipeline is recognised (see :func:`recognise_preset`)."""
+
+    @property
+    def arch(self) -> str:
+        """Name of the architecture (parameter counts, memory calibration): ``large`` for Large Turbo."""
+        return self.architecture or self.name
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether the default guidance runs classifier-free guidance (diffusers: ``guidance_scale > 1``).
+
+        Without CFG each step is one transformer pass at batch 1 instead of two (conditional + unconditional)
+        at batch 2: Turbo's ``guidance_scale=0`` is half the work per step, not just fewer steps.
+        """
+        return self.default_guidance > 1.0
+
+    @property
+    def step_batch(self) -> int:
+        """Transformer batch of one denoising step for one image: 2 with CFG, 1 without."""
+        return 2 if self.uses_cfg else 1
 
     @property
     def vae_scale_factor(self) -> int:
@@ -89,14 +112,22 @@ LARGE = Preset(
     transformer=dict(_TRANSFORMER_COMMON, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
                      pos_embed_max_size=192, dual_attention_layers=[]),
     vae=_VAE_REAL, clip_l=_CLIP_L, clip_g=_CLIP_G, t5=_T5_XXL,
-    default_steps=28, default_guidance=3.5,
+    default_steps=28, default_guidance=3.5, repo_ids=("stabilityai/stable-diffusion-3.5-large",),
+)
+LARGE_TURBO = Preset(
+    # Same weights' shapes as Large (REFERENCE §2), distilled (ADD) for 4 steps without guidance: its model card
+    # runs num_inference_steps=4, guidance_scale=0.0 — so no negative pass, batch 1 per step.
+    name="large-turbo",
+    transformer=LARGE.transformer, vae=_VAE_REAL, clip_l=_CLIP_L, clip_g=_CLIP_G, t5=_T5_XXL,
+    scheduler={"shift": 3.0}, default_steps=4, default_guidance=0.0, architecture="large",
+    repo_ids=("stabilityai/stable-diffusion-3.5-large-turbo",),
 )
 MEDIUM = Preset(
     name="medium",
     transformer=dict(_TRANSFORMER_COMMON, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
                      pos_embed_max_size=384, dual_attention_layers=list(range(13))),
     vae=_VAE_REAL, clip_l=_CLIP_L, clip_g=_CLIP_G, t5=_T5_XXL,
-    default_steps=40, default_guidance=4.5,
+    default_steps=40, default_guidance=4.5, repo_ids=("stabilityai/stable-diffusion-3.5-medium",),
 )
 TINY = Preset(
     name="tiny",
@@ -115,13 +146,15 @@ TINY = Preset(
             is_encoder_decoder=False, use_cache=False),
     default_steps=4, default_guidance=4.5,
 )
-PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, MEDIUM, LARGE)}
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, MEDIUM, LARGE, LARGE_TURBO)}
 
 # Parameter counts of the real configs, measured by instantiating them on the meta device
 # (tests/test_presets.py recomputes them, so these cannot drift from the configs above).
 PARAMETER_COUNTS: dict[str, dict[str, int]] = {
     "large": {"transformer": 8_056_627_520, "vae": 83_819_683, "clip_l": 123_650_304,
               "clip_g": 694_659_840, "t5": 4_762_310_656},
+    "large-turbo": {"transformer": 8_056_627_520, "vae": 83_819_683, "clip_l": 123_650_304,
+                    "clip_g": 694_659_840, "t5": 4_762_310_656},  # = large: same architecture
     "medium": {"transformer": 2_243_171_520, "vae": 83_819_683, "clip_l": 123_650_304,
                "clip_g": 694_659_840, "t5": 4_762_310_656},
 }
@@ -132,6 +165,35 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def recognise_preset(spec: str = "", transformer_config: dict[str, Any] | None = None) -> Preset | None:
+    """The preset a model belongs to, from its name and/or its transformer config; None if neither tells.
+
+    Large and Large Turbo have identical configs, so only a name can tell them apart: the repo id, a hub-cache
+    folder (``models--stabilityai--stable-diffusion-3.5-large-turbo``), a folder named after the repo, or the
+    config's ``_name_or_path`` (diffusers writes the repo id there when it saves). The longest matching repo
+    id wins (``…-large-turbo`` contains ``…-large``). Without a name, the depth tells Large from Medium.
+
+    Example:
+        >>> recognise_preset("stabilityai/stable-diffusion-3.5-large-turbo").default_steps
+        4
+        >>> recognise_preset("", {"num_layers": 24}).name
+        'medium'
+    """
+    names = [str(spec)]
+    if transformer_config:
+        names.append(str(transformer_config.get("_name_or_path", "")))
+    for text in names:
+        text = text.lower().replace("--", "/")
+        hits = [(len(r), p) for p in PRESETS.values() for r in p.repo_ids
+                if r in text or r.rsplit("/", 1)[1] == text.rstrip("/").rsplit("/", 1)[-1]]
+        if hits:
+            return max(hits, key=lambda h: h[0])[1]
+    if transformer_config and "num_layers" in transformer_config:
+        depth = {p.transformer["num_layers"]: p for p in (TINY, MEDIUM, LARGE)}
+        return depth.get(transformer_config["num_layers"])
+    return None
 
 
 def model_bytes(preset: str, bytes_per_param: float = 2.0) -> int:

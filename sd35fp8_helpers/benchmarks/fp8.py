@@ -2,7 +2,7 @@
 
 One "step" is what a sampler does once per denoising step: one transformer forward **with CFG** (batch 2 —
 conditional and unconditional), at the real latent size (1024² → 128×128×16 latents, 4096 image tokens) and
-333 text tokens (77 CLIP + 256 T5). Inputs and weights are random (N(0, 0.02)): at real size that measures
+333 text tokens (77 CLIP + 256 T5); for Large Turbo (guidance 0: no CFG) a step is batch 1. Inputs and weights are random (N(0, 0.02)): at real size that measures
 speed and memory faithfully without downloading 16 GB. The text encoders and the VAE are outside the step
 (they run once per image); ``--t5`` measures T5-XXL's bytes in bf16 and FP8 storage on its own.
 
@@ -73,6 +73,8 @@ class BenchResult:
     command: str
     variants: list[VariantResult]
     text_encoder_3: dict[str, Any] | None = None
+    batch: int = 2
+    """Transformer batch of one step: 2 with CFG (Large, Medium), 1 without (Large Turbo, guidance 0)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -86,7 +88,8 @@ class BenchResult:
                          _f(v.s_per_image, 2), _f(v.speedup, 2, "x"), _f(v.first_call_s, 1),
                          _f(v.warm_first_call_s, 1), _f(v.rel_err_vs_bf16, 4)))
         widths = [max(len(r[i]) for r in rows if len(r) > i) for i in range(len(head))]
-        lines = [f"SD3.5 {self.preset} transformer, {self.width}x{self.height}, CFG batch 2, "
+        step = "CFG batch 2" if self.batch == 2 else f"batch {self.batch} (no CFG)"
+        lines = [f"SD3.5 {self.preset} transformer, {self.width}x{self.height}, {step}, "
                  f"{TEXT_TOKENS} text tokens — {self.device}"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines += [f"{v.variant}: {v.status}" for v in self.variants if v.status != "ok"]
@@ -131,8 +134,9 @@ def build_transformer(preset: str, device: str, *, seed: int = 0):
     return model
 
 
-def step_inputs(model, height: int, width: int, device: str, *, seed: int = 1) -> dict[str, Any]:
-    """Random inputs of one CFG step: batch 2, latents (16, H/8, W/8), 333 text tokens, pooled vectors."""
+def step_inputs(model, height: int, width: int, device: str, *, seed: int = 1, batch: int = 2) -> dict[str, Any]:
+    """Random inputs of one step: latents (16, H/8, W/8), 333 text tokens, pooled vectors; ``batch`` 2 = one
+    CFG step (conditional + unconditional), 1 = a guidance-free step (Large Turbo)."""
     import torch
 
     cfg = model.config
@@ -141,10 +145,10 @@ def step_inputs(model, height: int, width: int, device: str, *, seed: int = 1) -
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device, torch.bfloat16)
 
-    return dict(hidden_states=randn(2, cfg.in_channels, height // 8, width // 8),
-                encoder_hidden_states=randn(2, TEXT_TOKENS, cfg.joint_attention_dim),
-                pooled_projections=randn(2, cfg.pooled_projection_dim),
-                timestep=torch.tensor([500.0, 500.0], device=device), return_dict=False)
+    return dict(hidden_states=randn(batch, cfg.in_channels, height // 8, width // 8),
+                encoder_hidden_states=randn(batch, TEXT_TOKENS, cfg.joint_attention_dim),
+                pooled_projections=randn(batch, cfg.pooled_projection_dim),
+                timestep=torch.tensor([500.0] * batch, device=device), return_dict=False)
 
 
 class _Timer:
@@ -203,7 +207,9 @@ def run_variant(name: str, preset: str, height: int, width: int, steps: int, dev
         res.status = f"skipped: {e.one_line.split(' fix:')[0]}"
         return res, None
     res.weights_gib = module_bytes(model) / 2**30
-    inputs = step_inputs(model, height, width, device)
+    from ..presets import get_preset
+
+    inputs = step_inputs(model, height, width, device, batch=get_preset(preset).step_batch)
     timer = _Timer(device)
     if cuda:
         torch.cuda.empty_cache()
@@ -290,7 +296,8 @@ def run_bench(preset: str = "tiny", *, height: int | None = None, width: int | N
         raise Sd35fp8Error(f"unknown variant(s) {unknown}", fix=f"choose from {', '.join(VARIANTS)}")
     versions = library_versions(optional=True)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
-    result = BenchResult(preset, height, width, steps, name, versions, time.strftime("%Y-%m-%d"), command, [])
+    result = BenchResult(preset, height, width, steps, name, versions, time.strftime("%Y-%m-%d"), command, [],
+                         batch=p.step_batch)
     reference = None
     for v in variants:
         try:

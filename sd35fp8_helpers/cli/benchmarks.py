@@ -8,8 +8,10 @@ import sys
 
 def bench_arguments(p) -> None:
     from ..benchmarks.fp8 import DEFAULT_VARIANTS, VARIANTS
+    from ..presets import PRESETS
 
-    p.add_argument("--preset", default="tiny", choices=["tiny", "medium", "large"])
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="large-turbo: one step is batch 1 (guidance 0, no CFG), 4 steps per image")
     p.add_argument("--random-weights", action="store_true",
                    help="random N(0, 0.02) weights at real size (always the case: no download)")
     p.add_argument("--height", type=int, default=None)
