@@ -8,6 +8,7 @@
      ├── ModelNotFound (FileNotFoundError)       "the model" is neither tiny, a folder nor a repo id
      ├── ModelVerificationFailed (ValueError)    a model folder has pointer files, truncated or pickle weights …
      ├── ComfyFormatError (ValueError)           a .safetensors file that is not a Comfy SD3 (scaled-FP8) checkpoint
+     ├── LoraError (ValueError)                  a LoRA file refused: not safetensors, a key that fits no layer …
      ├── UnsupportedEnvironment (RuntimeError)   old torch, no float8, a GPU below capability 8.9 …
      │    └── FP8ComputeUnavailable              FP8 compute asked for on a device without float8 matmuls
      ├── GitLfsMissing (FileNotFoundError)       git or git-lfs not installed (message: the install command)
@@ -259,3 +260,19 @@ class RedisServerMissing(Sd35fp8Error, FileNotFoundError):
         super().__init__("redis-server is not installed: the job queue needs a Redis server",
                          fix="sudo apt-get install -y redis-server (macOS: brew install redis), or point "
                              "--broker at a Redis server elsewhere")
+
+
+class LoraError(Sd35fp8Error, ValueError):
+    """A LoRA that cannot be applied: not a safetensors file, a key that matches no layer, a wrong shape.
+
+    Carries ``file`` and the first offending ``key`` (None when the problem is the file itself).
+    Example message: ``style.safetensors: key 'transformer.transformer_blocks.0.attn.to_q.lora_B.weight' has
+    shape (64, 4) but transformer_blocks.0.attn.to_q has 32 output features fix: this LoRA was trained for
+    another model (SD3.5 Medium vs Large?); use one made for this pipeline``.
+    """
+
+    def __init__(self, file: "Path | str", message: str, *, key: str | None = None, fix: str = "") -> None:
+        self.file = Path(file)
+        self.key = key
+        where = f"key {key!r} " if key else ""
+        super().__init__(f"{self.file.name}: {where}{message}", fix=fix)
