@@ -62,10 +62,11 @@ def precision_label(precision: str, compute_dtype: str | None = None) -> str:
 
 # --- model sources ---------------------------------------------------------------------------------------
 
-SourceKind = Literal["tiny", "local", "comfy-file", "git", "hub"]
+SourceKind = Literal["embedded", "tiny", "local", "comfy-file", "git", "hub"]
 
-EMBEDDED_MODELS: tuple[str, ...] = ("tiny",)
-"""Names that build or ship inside the package (no download)."""
+EMBEDDED_MODELS: dict[str, SourceKind] = {"scenes": "embedded", "tiny": "tiny"}
+"""Names that need no download: ``scenes`` ships in the package (trained; the default), ``tiny`` is built on
+first use (random weights: for tests that need the architecture only)."""
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 GIT_URL = re.compile(r"^(https?://|file://|ssh://|git@)|\.git/?$")
@@ -103,7 +104,7 @@ def classify_model_spec(spec: str | Path) -> SourceSpec:
 
     s = str(spec)
     if s in EMBEDDED_MODELS:
-        return SourceSpec(s, "tiny")
+        return SourceSpec(s, EMBEDDED_MODELS[s])
     if s in NONEXISTENT_REPOS:
         check_repo_id(s)
     path = Path(s).expanduser()

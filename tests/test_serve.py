@@ -69,14 +69,14 @@ def _wait_for(predicate, timeout: float = 30.0) -> bool:
 
 @pytest.fixture(scope="module")
 def server():
-    with serve_in_background(api_keys={k: KEYS[k] for k in ("main", "load")},
+    with serve_in_background("tiny", api_keys={k: KEYS[k] for k in ("main", "load")},
                              args=["--queue-size", "32", "--rate", "6000", "--burst", "1000"]) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def busy():
-    with serve_in_background(api_keys={k: v for k, v in KEYS.items() if k not in ("main", "load")},
+    with serve_in_background("tiny", api_keys={k: v for k, v in KEYS.items() if k not in ("main", "load")},
                              args=["--queue-size", "1", "--rate", "4"]) as s:
         yield s
 
@@ -328,7 +328,7 @@ def _in_process_server(config: ServeConfig, pipe):
 
 def test_a_request_past_its_deadline_is_cancelled_with_504_and_prompts_are_logged_only_when_asked(own_pipe, caplog):
     caplog.set_level(logging.INFO, logger="sd35fp8.serve")
-    with _in_process_server(ServeConfig(timeout_s=0.5, require_auth=False, log_prompts=True), own_pipe) as url:
+    with _in_process_server(ServeConfig(model="tiny", timeout_s=0.5, require_auth=False, log_prompts=True), own_pipe) as url:
         r = httpx.post(f"{url}{ROUTE}", json={"prompt": "slow", "size": "256x256", "steps": MAX_STEPS}, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
         assert "longer than the server's --timeout (0.5 s) and was cancelled" in r.json()["error"]["message"]
@@ -418,7 +418,7 @@ def test_serve_refuses_bad_options_in_one_line(capsys, args, message):
 
 def test_serve_in_background_reports_a_server_that_exits(tmp_path):
     with pytest.raises(ServerStartFailed, match=r"exited with code 1 before it was ready: .*--queue-size 0 must be"):
-        with serve_in_background(args=["--no-auth", "--queue-size", "0"], ready_timeout=120):
+        with serve_in_background("tiny", args=["--no-auth", "--queue-size", "0"], ready_timeout=120):
             pass
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..constants import DEFAULT_MODEL
 from ..errors import Sd35fp8Error
 
 # --- doctor ---------------------------------------------------------------------------------------
@@ -44,12 +45,12 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     from ..memory.strategies import strategy_names
     from ..vocabulary import PRECISIONS
 
-    p.add_argument("--model", default="tiny", help="tiny, a diffusers folder, or a hub repo id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="scenes (the embedded trained model), tiny (random weights), a diffusers folder, or a hub repo id")
     p.add_argument("--prompt", help="what to draw")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="default: the model's own (tiny: 4, Large: 28)")
-    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's own")
     p.add_argument("--height", type=int, default=None, help="multiple of 16; default: the model's native size")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -69,7 +70,7 @@ def generate(args: argparse.Namespace) -> int:
 
     from ..constants import settings
     from ..memory.strategies import DEFAULT_STRATEGY, parse_strategy
-    from ..pipeline.generation import GenerationSettings, native_size, read_png_metadata
+    from ..pipeline.generation import GenerationSettings, read_png_metadata
     from ..pipeline.generation import generate as render
     from ..pipeline.loading import default_device, load_pipeline
     from ..precision.quantize import apply_precision_
@@ -78,7 +79,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.from_png:
         meta = read_png_metadata(args.from_png)
         gen = GenerationSettings(**meta["settings"])
-        model = meta.get("model", model) if args.model == "tiny" else args.model
+        model = meta.get("model", model) if args.model == DEFAULT_MODEL else args.model
     else:
         if not args.prompt:
             raise Sd35fp8Error("--prompt is required (or --from-png FILE)", fix='sd35fp8 generate --prompt "a cat"')
@@ -91,12 +92,12 @@ def generate(args: argparse.Namespace) -> int:
     if strategy.name != "resident":
         strategy.apply(pipe, pipe.device)
     if gen is None:
-        from ..presets import LARGE, TINY
+        from ..pipeline.defaults import model_defaults
 
-        native = native_size(pipe)
-        steps = args.steps or (TINY if pipe.sd35fp8_source.is_tiny else LARGE).default_steps
-        gen = GenerationSettings(args.prompt, args.negative_prompt, args.seed, steps, args.guidance,
-                                 args.height or native, args.width or native)
+        d = model_defaults(pipe)
+        gen = GenerationSettings(args.prompt, args.negative_prompt, args.seed, args.steps or d.steps,
+                                 d.guidance_scale if args.guidance is None else args.guidance,
+                                 args.height or d.height, args.width or d.width)
     result = render(pipe, gen)  # its precision is read from the pipeline (a strategy may have added FP8)
     result.extra["memory"] = strategy.name
     out = Path(args.out) if args.out else settings().output_dir / "images" / f"seed{gen.seed}.png"
@@ -109,7 +110,7 @@ def generate(args: argparse.Namespace) -> int:
 # --- notebooks ------------------------------------------------------------------------------------
 
 def notebooks_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default=None, help="output folder (default: outputs/, ignored by git)")
     p.add_argument("--only", nargs="*", help="run only notebooks whose file name contains one of these")
     p.add_argument("--notebooks", default=None, help="folder of NN_*.ipynb notebooks (default: the repo's notebooks/)")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from ..constants import DEFAULT_MODEL
 from ..vocabulary import PRECISIONS
 
 
 def demo_arguments(p) -> None:
     from ..interactive.demo import DEFAULT_DEMO_PORT
 
-    p.add_argument("--model", default="tiny", help="tiny, a diffusers folder, or a hub repo id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="scenes (the embedded trained model), tiny (random weights), a diffusers folder, or a hub repo id")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=DEFAULT_DEMO_PORT)
     p.add_argument("--precision", default="bf16", choices=list(PRECISIONS))

@@ -47,6 +47,7 @@ from ..pipeline.generation import (
     StepCallback,
     check_settings,
     pipeline_limits,
+    text_kwargs,
 )
 from .tiling import TileConfig, decode_tiled, encode_tiled
 
@@ -163,7 +164,7 @@ def encode_conditioning(pipe, prompt: str, negative_prompt: str = "", guidance_s
     cfg = guidance_scale > 1
     embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
         prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt or None,
-        do_classifier_free_guidance=cfg, device=device or pipe._execution_device)
+        do_classifier_free_guidance=cfg, device=device or pipe._execution_device, **text_kwargs(pipe))
     if cfg:
         embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
     return Conditioning(embeds, pooled, guidance_scale)

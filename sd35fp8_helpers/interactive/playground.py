@@ -206,10 +206,9 @@ class Playground:
         native = native_size(pipe)
         self.sizes = size_presets(self.multiple, self.max_side, native)
 
-        source = getattr(pipe, "sd35fp8_source", None)
-        from ..presets import LARGE, TINY
+        from ..pipeline.defaults import model_defaults
 
-        preset = TINY if source is not None and source.is_tiny else LARGE
+        defaults = model_defaults(pipe)  # the model's own recipe (the scene model: 16 steps, guidance 4)
         self.prompt = w.Textarea(placeholder="describe the image you want", description="prompt",
                                  layout=w.Layout(width="100%", height="4em"))
         self.negative_prompt = w.Text(placeholder="what to avoid (optional)", description="negative",
@@ -217,8 +216,8 @@ class Playground:
         self.seed = w.IntText(value=0, description="seed", layout=w.Layout(width="14em"))
         self.random_seed_button = w.Button(description="random", icon="dice", tooltip="pick a random seed",
                                            layout=w.Layout(width="7em"))
-        self.steps = w.IntSlider(value=preset.default_steps, min=1, max=60, description="steps")
-        self.guidance = w.FloatSlider(value=preset.default_guidance, min=0.0, max=15.0, step=0.5,
+        self.steps = w.IntSlider(value=defaults.steps, min=1, max=60, description="steps")
+        self.guidance = w.FloatSlider(value=defaults.guidance_scale, min=0.0, max=15.0, step=0.5,
                                       description="guidance")
         self.size = w.Dropdown(options=[*self.sizes.items(), (CUSTOM_SIZE, CUSTOM_SIZE)], value=(native, native),
                                description="size")

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from ..errors import InvalidPlanInput, OutOfMemoryAfterFallback, PipelinePlacementError
 from ..pipeline.decode import VAE_TILE_PX, fit_vae_tiles, latents_to_image
+from ..pipeline.generation import text_kwargs
 
 Offload = Literal["none", "model", "group", "sequential"]
 OFFLOAD_ORDER: tuple[str, ...] = ("none", "model", "group", "sequential")
@@ -479,7 +480,8 @@ def generate_by_stage(pipe, settings, *, progress: bool = False) -> StagedRun:
         with measure(device) as run.stages["encode"]:
             pe, npe, ppe, nppe = pipe.encode_prompt(
                 prompt=settings.prompt, prompt_2=None, prompt_3=None,
-                negative_prompt=settings.negative_prompt or None, do_classifier_free_guidance=cfg, device=device)
+                negative_prompt=settings.negative_prompt or None, do_classifier_free_guidance=cfg, device=device,
+                **text_kwargs(pipe))
         with measure(device) as run.stages["denoise"]:
             latents = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
                            negative_pooled_prompt_embeds=nppe, num_inference_steps=settings.steps,

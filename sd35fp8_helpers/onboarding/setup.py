@@ -181,6 +181,10 @@ class _Run:
 
     @property
     def model_path(self) -> Path:
+        if self.source == "embedded":
+            from ..constants import EMBEDDED_MODEL_DIR
+
+            return EMBEDDED_MODEL_DIR
         if self.source in ("local", "comfy-file"):
             return Path(self.config.model).expanduser().absolute()
         return self.config.dir / "model"
@@ -220,8 +224,9 @@ class _Run:
         from ..display import human_bytes
         from ..weights.hub import check_disk, plan_download
 
-        if self.source in ("local", "comfy-file"):
-            return "skipped", "local source: nothing to download"
+        if self.source in ("local", "comfy-file", "embedded"):
+            return "skipped", f"{'shipped in the package' if self.source == 'embedded' else 'local source'}: " \
+                              "nothing to download"
         if self._unchanged_since("verify"):
             return "skipped", "already downloaded and verified"
         if self.source == "tiny":
@@ -246,7 +251,7 @@ class _Run:
 
     # 3
     def _stage_fetch(self) -> tuple[str, str]:
-        if self.source in ("local", "comfy-file"):
+        if self.source in ("local", "comfy-file", "embedded"):
             return "skipped", f"local source: using {self.model_path} in place"
         if self._unchanged_since("verify"):
             return "skipped", f"{len(self._done('verify')['fingerprint'])} weight files already fetched"

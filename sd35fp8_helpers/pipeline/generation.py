@@ -19,6 +19,7 @@ from ..errors import InvalidGenerationInput
 from ..versions import library_versions
 from ..vocabulary import parse_precision, precision_label
 from .decode import fit_vae_tiles
+from .defaults import model_defaults, native_size  # noqa: F401  (native_size: part of this module's API)
 
 PNG_METADATA_KEY = "sd35fp8"
 
@@ -105,14 +106,6 @@ def settings_from_png(path: str | Path) -> GenerationSettings:
     return GenerationSettings(**read_png_metadata(path)["settings"])
 
 
-def native_size(pipe) -> int:
-    """The side, in pixels, this pipeline's transformer was trained at (SD3.5: 1024; the tiny model: 128).
-
-    The one place it is computed: ``sample_size`` (latent side) times the VAE's downscale factor.
-    """
-    return pipe.transformer.config.sample_size * pipe.vae_scale_factor
-
-
 def pipeline_limits(pipe) -> tuple[int, int]:
     """(size multiple, largest side in px) of one pass of this pipeline's transformer."""
     cfg = pipe.transformer.config
@@ -151,6 +144,12 @@ def check_settings(s: GenerationSettings, *, multiple: int = 16, max_side: int |
                                      "(0 or 1 disables guidance; SD3.5 uses 3.5-7)")
     if not isinstance(s.negative_prompt, str):
         raise InvalidGenerationInput("negative_prompt", s.negative_prompt, "must be text")
+
+
+def text_kwargs(pipe) -> dict[str, Any]:
+    """Pipeline arguments the model itself asks for (a scene model trained with 32 T5 tokens runs with 32)."""
+    length = model_defaults(pipe).max_sequence_length
+    return {} if length is None else {"max_sequence_length": length}
 
 
 def pipeline_precision(pipe) -> str:
@@ -210,7 +209,7 @@ def generate(pipe, settings: GenerationSettings, *, on_step: StepCallback | None
         prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
         num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
         height=settings.height, width=settings.width,
-        generator=torch.Generator("cpu").manual_seed(settings.seed),
+        generator=torch.Generator("cpu").manual_seed(settings.seed), **text_kwargs(pipe),
         callback_on_step_end=_callback,
     )
     seconds = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Resolve what the notebooks call "the model", and load it as a ``StableDiffusion3Pipeline``.
 
-One function decides where the weights are — ``"tiny"`` (the embedded default), a local diffusers folder,
+One function decides where the weights are — ``"scenes"`` (the embedded default), ``"tiny"``, a local folder,
 or a hub repo id — and from there every source takes the same code path. SD3.5 needs
 ``StableDiffusion3Pipeline``: ``StableDiffusionPipeline`` (SD1.x/2.x) cannot load it, and
 ``torch_dtype=torch.float8_e4m3fn`` is not a way to load FP8 (see ``notebooks/02``).
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..constants import DEFAULT_MODEL
+from ..constants import DEFAULT_MODEL, EMBEDDED_MODEL_DIR
 from ..errors import ModelNotFound
 from ..vocabulary import NONEXISTENT_REPOS, SourceKind, classify_model_spec  # noqa: F401  (re-exported)
 from .tiny import TINY_MARKER
@@ -35,9 +35,10 @@ class ModelSource:
 
 
 def resolve_model(model: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> ModelSource:
-    """Turn ``"tiny"``, a folder, or ``"owner/name"`` into a local diffusers folder.
+    """Turn ``"scenes"``, ``"tiny"``, a folder, or ``"owner/name"`` into a local diffusers folder.
 
-    * ``"tiny"`` builds (once, then cached) the embedded tiny SD3.5 pipeline;
+    * ``"scenes"`` is the trained model shipped in the package (the default);
+    * ``"tiny"`` builds (once, then cached) a random-weight tiny SD3.5 pipeline;
     * an existing folder must hold ``model_index.json`` (diffusers layout);
     * a repo id is downloaded (or found in the cache) with ``huggingface_hub``.
 
@@ -47,6 +48,8 @@ def resolve_model(model: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> ModelS
     """
     spec = str(model)
     kind = classify_model_spec(spec).kind  # one classifier, one set of messages (vocabulary.py)
+    if kind == "embedded":
+        return ModelSource(spec, "embedded", EMBEDDED_MODEL_DIR)
     if kind == "tiny":
         from .tiny import tiny_model_path
 
@@ -108,7 +111,8 @@ def load_pipeline(model: str | Path = DEFAULT_MODEL, *, device: str | None = Non
     if source.kind != "tiny":  # built here, so known good; anything from outside is checked first
         from ..weights.verify import require_loadable
 
-        require_loadable(source.path, check_hashes=check_hashes)
+        # the shipped model is checked against its sha256 manifest like any download (25 MB: milliseconds)
+        require_loadable(source.path, check_hashes=check_hashes or source.kind == "embedded")
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     extra = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}

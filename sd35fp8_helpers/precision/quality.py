@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..pipeline.decode import latents_to_image
-from ..pipeline.generation import native_size
+from ..pipeline.generation import native_size, text_kwargs
 
 DEFAULT_POLICIES = ("all-linear", "hybrid", "diffusers-default")
 
@@ -100,7 +100,7 @@ def _run(pipe, prompt: str, seed: int, steps: int, size: int):
     import torch
 
     start = time.perf_counter()
-    latents = pipe(prompt=prompt, num_inference_steps=steps, height=size, width=size, output_type="latent",
+    latents = pipe(prompt=prompt, num_inference_steps=steps, height=size, width=size, output_type="latent", **text_kwargs(pipe),
                    generator=torch.Generator("cpu").manual_seed(seed)).images
     seconds = time.perf_counter() - start
     image = latents_to_image(pipe, latents, output_type="np")[0]

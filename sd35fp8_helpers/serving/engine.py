@@ -13,7 +13,6 @@ from ..pipeline.generation import (
     GenerationResult,
     GenerationSettings,
     generate,
-    native_size,
     pipeline_limits,
 )
 from ..vocabulary import PRECISIONS
@@ -63,32 +62,44 @@ class ImageEngine:
 
     def defaults(self, precision: str | None = None) -> tuple[int, int]:
         """(native side in px, default steps) of the served model: what a request without size/steps gets."""
-        from ..presets import LARGE, TINY
+        from ..pipeline.defaults import model_defaults
 
-        pipe = self.pipeline(precision)
-        source = getattr(pipe, "sd35fp8_source", None)
-        steps = (TINY if source is not None and source.is_tiny else LARGE).default_steps
-        return native_size(pipe), steps
+        d = model_defaults(self.pipeline(precision))
+        return d.height, d.steps
 
     def render(self, settings: Sequence[GenerationSettings], *, precision: str | None = None,
-               should_stop: Callable[[], bool] = lambda: False) -> list[GenerationResult]:
+               should_stop: Callable[[], bool] = lambda: False,
+               on_progress: Callable[[int, int, int], bool] | None = None) -> list[GenerationResult]:
         """Generate one image per settings, in order; ``should_stop()`` is asked before each step.
 
         When it says True, :class:`JobCancelled` is raised from the pipeline's step callback, which ends
         the denoising loop at once (``pipe._interrupt`` would still run the VAE decode for nobody).
+        ``on_progress(image, step, steps)`` is told every step (the queue worker publishes it); returning True
+        from it stops the job the same way (one Redis round trip answers both).
         """
-        def on_step(_step: int, _total: int) -> None:
-            if should_stop():
+        index = [0]
+
+        def on_step(step: int, total: int) -> None:
+            stop = on_progress(index[0], step, total) if on_progress is not None else False
+            if stop or should_stop():
                 raise JobCancelled()
 
         precision = precision or self.precision
         with self._lock:
             pipe = self.pipeline(precision)
             results = []
-            for s in settings:
+            for i, s in enumerate(settings):
+                index[0] = i
                 on_step(0, s.steps)  # a job cancelled between two images stops here
                 results.append(generate(pipe, s, on_step=on_step, progress=False, precision=precision))
             return results  # PNG metadata names the precision key, as `sd35fp8 generate` does
+
+    def served_model(self, precision: str | None = None):
+        """What a request is checked against (:class:`~sd35fp8_helpers.serving.jobstore.ServedModel`)."""
+        from .jobstore import ServedModel
+
+        (native, steps), (multiple, max_side) = self.defaults(precision), self.limits(precision)
+        return ServedModel(self.model, native, steps, multiple, max_side, precision or self.precision)
 
 
 def check_precision(precision: str) -> None:

@@ -602,12 +602,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="transformer steps")
     parser.add_argument("--seconds", type=float, help="transformer wall-clock budget")
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--lr", type=float, help="transformer peak learning rate (one-cycle)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--checkpoint-dir", type=Path)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in dict(seed=args.seed, n_scenes=args.scenes, vae_steps=args.vae_steps,
                                        vae_seconds=args.vae_seconds, steps=args.steps, seconds=args.seconds,
-                                       batch=args.batch, device=args.device,
+                                       batch=args.batch, lr=args.lr, device=args.device,
                                        checkpoint_dir=args.checkpoint_dir).items() if v is not None}
     cfg = TrainConfig.smoke_test(args.out_dir, **overrides) if args.smoke else TrainConfig(args.out_dir, **overrides)
     train_tiny(cfg)
