@@ -56,6 +56,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("serve", "serve an OpenAI-style images API (/v1/images/generations) with keys, queue and metrics",
             _C + "serving:serve"),
     Command("api-key", "make a new API key for `sd35fp8 serve`; store only its hash", _C + "serving:api_key"),
+    Command("train-tiny", "train the embedded scene model (SD3.5 classes, captioned synthetic scenes; GPU: ~6 min)",
+            _C + "training:train_tiny"),
     Command("demo", "open a Gradio page to generate images (personal use; see `serve` for a team API)",
             _C + "interactive:demo"),
 )

@@ -86,7 +86,7 @@ def _corpus_words(pattern: str) -> Counter:
     return Counter(w for line in _CORPUS for w in re.findall(pattern, line.lower()))
 
 
-def _learn_bpe(words: Counter, merges: int) -> tuple[list[str], list[tuple[str, str]]]:
+def learn_bpe(words: Counter, merges: int) -> tuple[list[str], list[tuple[str, str]]]:
     """Byte-pair merges learned from word counts, ties broken alphabetically.
 
     Why not ``tokenizers.trainers.BpeTrainer``? It breaks ties between equally frequent pairs in hash-map
@@ -123,7 +123,7 @@ def _train_clip_tokenizer():
     from transformers import CLIPTokenizer
 
     # The same word split as CLIPTokenizer's pre-tokenizer: letters, single digits, runs of punctuation.
-    symbols, merges = _learn_bpe(_corpus_words(r"[a-z]+|[0-9]|[^\sa-z0-9]+"), _CLIP_MERGES)
+    symbols, merges = learn_bpe(_corpus_words(r"[a-z]+|[0-9]|[^\sa-z0-9]+"), _CLIP_MERGES)
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(["<|startoftext|>", "<|endoftext|>", *symbols]))}
     # model_max_length must be explicit: SD3 truncates CLIP input at 77 tokens.
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
@@ -133,7 +133,7 @@ def _train_t5_tokenizer(workdir: Path):
     """A T5-style Unigram tokenizer (``<pad>``=0, ``</s>``=1, ``<unk>``=2, Metaspace) from corpus word statistics.
 
     Pieces are whole words (``▁word``) scored by log frequency, plus single characters as a fallback, built
-    deterministically (see :func:`_learn_bpe` for why not the library's trainer).
+    deterministically (see :func:`learn_bpe` for why not the library's trainer).
     """
     from tokenizers import (
         Tokenizer,

@@ -43,10 +43,10 @@ def build_clip_tokenizer():
     """A CLIP BPE tokenizer whose merges spell every scene word as one token (deterministic tie-breaks)."""
     from transformers import CLIPTokenizer
 
-    from ..pipeline.tiny import _learn_bpe
+    from ..pipeline.tiny import learn_bpe
 
     words = _word_counts()
-    symbols, merges = _learn_bpe(words, sum(len(w) for w in words))  # enough merges for whole words
+    symbols, merges = learn_bpe(words, sum(len(w) for w in words))  # enough merges for whole words
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(["<|startoftext|>", "<|endoftext|>", *symbols]))}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>")
 
