@@ -1,0 +1,38 @@
+"""LoRA on SD3.5 — BF16, FP8 storage and FP8 compute alike: merged and re-quantised, or on a BF16 side path.
+
+``load_lora_(pipe, "style.safetensors", scale=0.8, mode="merge")`` reads diffusers/PEFT, Kohya and Comfy key
+layouts (original MMDiT names are mapped through diffusers' own SD3 converter), refuses a file that does not
+fit this transformer naming the first bad key, and returns a :class:`~.apply.LoraReport`.
+``unload_lora_(pipe)`` restores every weight bit for bit. Which mode to use, measured: ``docs/benchmarks.md``.
+
+Example:
+    >>> from sd35fp8_helpers import load_pipeline
+    >>> from sd35fp8_helpers.lora import load_lora_, unload_lora_
+    >>> pipe = load_pipeline("scenes", device="cpu")
+    >>> load_lora_(pipe, "brown", mode="side").mode  # doctest: +SKIP
+    'side'
+    >>> unload_lora_(pipe, "brown")  # doctest: +SKIP
+    ['brown']
+"""
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "load_lora_": ".apply",
+    "unload_lora_": ".apply",
+    "set_lora_scale_": ".apply",
+    "loaded_loras": ".apply",
+    "resolve_lora": ".apply",
+    "LoraReport": ".apply",
+    "LoraRegistry": ".apply",
+    "MODES": ".apply",
+    "parse_lora": ".formats",
+    "read_safetensors": ".formats",
+    "LoraLayer": ".formats",
+    "shipped_loras": ".shipped",
+    "shipped_lora_path": ".shipped",
+    "shipped_lora_info": ".shipped",
+    "SHIPPED_DIR": ".shipped",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,36 @@
+"""LoRAs that ship inside the package, by name: ``load_lora_(pipe, "brown")``, the playground's LoRA menu and
+the images API's ``"lora"`` field all read this one folder.
+
+Each LoRA is ``shipped/NAME.safetensors`` (kilobytes: rank-4 on the scene model) with ``shipped/NAME.json``
+beside it: what it teaches, the model it was trained on, and how it was made and measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+def shipped_loras() -> list[str]:
+    """Names of the shipped LoRAs, sorted (what the playground and the API offer).
+
+    Example:
+        >>> "brown" in shipped_loras()  # doctest: +SKIP
+        True
+    """
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors"))
+
+
+def shipped_lora_path(name: str) -> Path:
+    from .apply import resolve_lora
+
+    return resolve_lora(name)
+
+
+def shipped_lora_info(name: str) -> dict[str, Any]:
+    """The sidecar JSON of a shipped LoRA (empty when it has none)."""
+    path = SHIPPED_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
