@@ -27,7 +27,15 @@ import pytest
 from sd35fp8_helpers.cli import main
 from sd35fp8_helpers.errors import Sd35fp8Error, ServerStartFailed
 from sd35fp8_helpers.serving.app import _error_for
-from sd35fp8_helpers.serving.auth import KeyStore, RateLimiter, bearer_token, hash_api_key, new_api_key, parse_key_line
+from sd35fp8_helpers.serving.auth import (
+    MAX_RATE_IDENTITIES,
+    KeyStore,
+    RateLimiter,
+    bearer_token,
+    hash_api_key,
+    new_api_key,
+    parse_key_line,
+)
 from sd35fp8_helpers.serving.client import decode_images, read_metrics, serve_in_background
 from sd35fp8_helpers.serving.config import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, ServeConfig
 from sd35fp8_helpers.serving.engine import ImageEngine
@@ -35,7 +43,8 @@ from sd35fp8_helpers.serving.service import ImageService, Job
 
 ROUTE = "/v1/images/generations"
 MARKER = "zebra-7f3a"  # in every prompt sent; must never reach a log line
-KEYS = {name: new_api_key() for name in ("main", "load", "queue1", "queue2", "queue3", "rate", "other", "gone")}
+KEYS = {name: new_api_key() for name in ("main", "load", "queue1", "queue2", "queue3", "rate", "other", "gone",
+                                         "cap", "cap2")}
 LOAD_REQUESTS, LOAD_CLIENTS, LOAD_DEADLINE_S = 200, 16, 150
 RSS_GROWTH_BOUND = 64 * 2**20
 """The server's RSS may not grow more than this across the load test (measured after a warm-up)."""
@@ -179,6 +188,99 @@ def test_oversized_body_and_unknown_route(server):
     assert r.status_code == 413 and "over 65536 bytes" in r.json()["error"]["message"]
     r = httpx.get(f"{server.url}/v1/models/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def _raw_request(url: str, head: str, body: bytes = b"", timeout: float = 10.0) -> bytes:
+    """Send ``head`` (request line + headers) and ``body`` on a raw socket, then read what comes back without
+    sending anything more: a server that waits for the rest of a promised body never answers (timeout)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        return answer
+
+
+def test_a_body_over_the_limit_is_refused_without_reading_the_rest(server):
+    """Issue 12: the body used to be read whole first. A client that promises 10 MB, or streams chunks without a
+    length, hears 413 once 64 KiB arrived — the test never sends the rest, so a server that waits for it fails."""
+    head = f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['main']}\r\nContent-Type: application/json\r\n"
+    promised = _raw_request(server.url, head + "Content-Length: 10000000\r\n\r\n", b"{")
+    assert promised.startswith(b"HTTP/1.1 413"), promised[:200]
+    assert b"the request body is over 65536 bytes" in promised
+    chunk = b" " * 8192
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(10))  # 80 KiB, no final chunk
+    streamed = _raw_request(server.url, head + "Transfer-Encoding: chunked\r\n\r\n", chunks)
+    assert streamed.startswith(b"HTTP/1.1 413"), streamed[:200]
+    assert b'"code":"body_too_large"' in streamed.replace(b" ", b"")
+
+
+ABSURD = [  # raw JSON, the param named in the 400
+    ('{"prompt": "x", "seed": 18446744073709551616}', "seed"),           # 2**64: beyond 64 bits
+    ('{"prompt": "x", "seed": 18446744073709551615, "n": 2}', "seed"),   # image 2 would have seed 2**64
+    ('{"prompt": "x", "seed": 1000000000000000000000000000000}', "seed"),
+    ('{"prompt": "x", "seed": 1e400}', "seed"),
+    ('{"prompt": "x", "guidance_scale": NaN}', "guidance_scale"),
+    ('{"prompt": "x", "guidance_scale": Infinity}', "guidance_scale"),
+    ('{"prompt": "x", "guidance_scale": -Infinity}', "guidance_scale"),
+    ('{"prompt": "x", "guidance_scale": "nan"}', "guidance_scale"),
+    ('{"prompt": "x", "guidance_scale": 1e400}', "guidance_scale"),
+    ('{"prompt": "x", "steps": true}', "steps"),
+    ('{"prompt": "x", "n": true}', "n"),
+    ('{"prompt": "x", "seed": false}', "seed"),
+    ('{"prompt": "x", "steps": -3}', "steps"),
+    ('{"prompt": "x", "steps": 1e300}', "steps"),
+    ('{"prompt": "x", "n": 100000}', "n"),
+    ('{"prompt": "x", "n": -1}', "n"),
+    ('{"prompt": "x", "size": "99999x64"}', "size"),
+    ('{"prompt": "x", "negative_prompt": "%s"}' % ("y" * (MAX_PROMPT_CHARS + 1)), "negative_prompt"),
+]
+
+
+@pytest.mark.parametrize("raw,param", ABSURD, ids=[f"{p}:{r[16:50]}" for r, p in ABSURD])
+def test_absurd_numbers_are_a_400_before_any_work(server, raw, param):
+    """Issue 12: never a 500 and never a generated image — and nothing handed to the worker (no job event)."""
+    rid = f"absurd-{abs(hash(raw)) % 10**12}"
+    r = httpx.post(f"{server.url}{ROUTE}", content=raw.encode(), timeout=60,
+                   headers={**_auth("main"), "Content-Type": "application/json", "X-Request-ID": rid})
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
+    assert error["type"] == "invalid_request_error" and error["code"] in ("invalid_value", "invalid_type")
+    work = [e for e in server.log_events() if e.get("request_id") == rid and e.get("event") != "request"]
+    assert work == [], f"the request reached the worker: {work}"
+
+
+def test_one_key_cannot_fill_the_queue(busy):
+    """Issue 12: the per-key in-flight cap (queue of 1 → 1 job per key). The same key's second request is a 429
+    at once although the queue has room; another key still gets in."""
+    slow = {"prompt": _prompt("slow"), "size": "256x256", "steps": MAX_STEPS, "n": 2}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, f"{busy.url}{ROUTE}", headers=_auth("cap"), json=slow, timeout=120)
+        assert _wait_for(lambda: _metric(busy.url, "sd35fp8_jobs_running") == 1)
+        again = httpx.post(f"{busy.url}{ROUTE}", headers=_auth("cap"), timeout=120,
+                           json={"prompt": _prompt(), "size": "64x64", "steps": 1})
+        assert _metric(busy.url, "sd35fp8_queue_depth") == 0  # there was room: the cap said no, not the queue
+        assert again.status_code == 429 and again.json()["error"]["code"] == "too_many_in_flight", again.text
+        assert "this key already has 1 jobs queued or running" in again.json()["error"]["message"]
+        assert int(again.headers["retry-after"]) >= 1
+        other = pool.submit(httpx.post, f"{busy.url}{ROUTE}", headers=_auth("cap2"), timeout=120,
+                            json={"prompt": _prompt(), "size": "64x64", "steps": 1})
+        assert first.result().status_code == 200 and other.result().status_code == 200
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--no-auth", "--max-in-flight", "0"], "--max-in-flight 0 must be >= 1"),
+    (["--no-auth", "--broker", "http://127.0.0.1:6379"], "--broker 'http://127.0.0.1:6379' is not a Redis URL"),
+])
+def test_serve_refuses_bad_queue_options(capsys, args, message):
+    assert main(["serve", *args]) == 1
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("header", [None, "Bearer sk-sd35fp8-wrong", "Basic dXNlcjpwYXNz", "Bearer",
@@ -392,6 +494,23 @@ def test_token_bucket_allows_the_burst_then_says_when():
     assert 9 <= limiter.retry_after("a") <= 10  # 6 a minute: one token every 10 s
     assert limiter.retry_after("b") == 0
     assert RateLimiter(0).retry_after("a") == 0  # --rate 0: off
+
+
+def test_rate_limit_state_is_bounded():
+    """Issue 12: one bucket per identity used to be kept forever — with --no-auth or JWTs identities are an open
+    set. Now at most MAX_RATE_IDENTITIES are kept (least recently used go first), and an identity in use keeps
+    its (empty) bucket however many others pass by."""
+    limiter = RateLimiter(rate_per_min=6, burst=1)
+    assert limiter.retry_after("hot") == 0 and limiter.retry_after("hot") > 0
+    for i in range(MAX_RATE_IDENTITIES + 5000):
+        assert limiter.retry_after(f"id-{i}") == 0  # every newcomer gets its burst
+        if i % 1000 == 0:
+            assert limiter.retry_after("hot") > 0, "an identity in use was forgotten"
+    assert len(limiter._buckets) <= MAX_RATE_IDENTITIES
+    small = RateLimiter(rate_per_min=6, burst=1, max_identities=3)
+    for who in "abcdef":
+        small.retry_after(who)
+    assert list(small._buckets) == ["d", "e", "f"]
 
 
 def test_api_key_command_writes_only_the_hash(capsys, tmp_path):

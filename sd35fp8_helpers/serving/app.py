@@ -17,8 +17,20 @@ Where model servers usually go wrong, and what this one does instead:
   (:mod:`~sd35fp8_helpers.serving.auth`); logs are JSON lines with a request id and never carry the
   ``Authorization`` header, the key, or (unless ``--log-prompts``) the prompt.
 
+* **Bodies and numbers that cost memory or crash a worker**: the body is read as a stream and refused (413)
+  the moment it passes 64 KiB; every number (seed beyond 64 bits, NaN/infinite guidance, steps, n, ``true``
+  for a count) is checked for every image of the request before anything is queued.
+* **One client starving the rest**: a key may have at most ``--max-in-flight`` jobs queued or running (default:
+  half the queue), and rate-limit state is bounded (:class:`~sd35fp8_helpers.serving.auth.RateLimiter`).
+
+With ``--broker redis://…`` the same API puts jobs on a Redis queue served by ``sd35fp8 worker`` processes
+(one per GPU, any number of machines; :mod:`~sd35fp8_helpers.serving.jobs`), adds asynchronous jobs
+(``POST /v1/images/jobs`` → 202, ``GET``/``DELETE /v1/images/jobs/{id}``), shares rate limits and in-flight caps
+across API processes through Redis, and answers 503 (never a hang) while Redis is away. JWT bearer tokens
+(``--jwt-secret-file`` / ``--jwt-public-key``) work next to API keys.
+
 Endpoints: ``POST /v1/images/generations``, ``GET /healthz`` (process alive), ``GET /readyz`` (model
-loaded), ``GET /metrics`` (Prometheus). The Gradio demo (:mod:`~sd35fp8_helpers.interactive.demo`) renders through the
+loaded — with a broker: Redis reachable and a worker alive), ``GET /metrics`` (Prometheus). The Gradio demo (:mod:`~sd35fp8_helpers.interactive.demo`) renders through the
 same :class:`ImageEngine`.
 
 Example (``sd35fp8 api-key --keys-file keys.txt`` prints a key once and stores its hash):
@@ -39,6 +51,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import secrets
 import time
 import traceback
@@ -46,11 +59,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import InvalidGenerationInput, Sd35fp8Error, ServerStartFailed
+from ..errors import InvalidGenerationInput, QueueUnavailable, Sd35fp8Error, ServerStartFailed
 from ..pipeline.generation import GenerationResult, GenerationSettings
 from .config import (
     DEFAULT_PORT,
     IMAGES_ROUTE,
+    JOBS_ROUTE,
     MAX_BODY_BYTES,
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
@@ -63,7 +77,9 @@ from .config import (
 from .engine import ImageEngine, JobCancelled
 from .logs import configure_logging, log_event, request_id_var
 from .metrics import Metrics
-from .service import ImageService, Job, QueueFull, is_oom
+from .service import ImageService, Job, KeyBusy, QueueFull, is_oom
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
 
 # --- the HTTP app --------------------------------------------------------------------------------------------
 
@@ -85,10 +101,18 @@ class ApiError(Exception):
 @functools.lru_cache(maxsize=1)
 def _request_model():
     """The request body schema (pydantic checks types; the rules live in :func:`parse_request`)."""
-    from pydantic import BaseModel, ConfigDict
+    from pydantic import BaseModel, ConfigDict, field_validator
 
     class ImagesRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
+
+        @field_validator("n", "seed", "steps", "guidance_scale", mode="before")
+        @classmethod
+        def _not_a_boolean(cls, value):  # pydantic would read true as 1: a bug in the client, not a count
+            if isinstance(value, bool):
+                raise ValueError(f"must be a number, not {str(value).lower()}")
+            return value
+
         prompt: str
         model: str | None = None
         n: int = 1
@@ -103,8 +127,13 @@ def _request_model():
     return ImagesRequest
 
 
-def parse_request(raw: bytes, engine: ImageEngine) -> list[GenerationSettings]:
-    """Body bytes → one :class:`GenerationSettings` per image, or :class:`ApiError` (400) naming the field."""
+def parse_request(raw: bytes, engine) -> list[GenerationSettings]:
+    """Body bytes → one :class:`GenerationSettings` per image, or :class:`ApiError` (400) naming the field.
+
+    ``engine`` is what is served: an :class:`ImageEngine`, or the
+    :class:`~sd35fp8_helpers.serving.jobstore.ServedModel` the queue's workers registered (``.model``,
+    ``.defaults()``, ``.limits()``). Every image's settings are checked (image ``i`` has seed ``seed + i``, so
+    ``seed=2**64-1, n=2`` is refused here, not by a worker after the first image)."""
     from pydantic import ValidationError
 
     try:
@@ -123,7 +152,8 @@ def parse_request(raw: bytes, engine: ImageEngine) -> list[GenerationSettings]:
             raise ApiError(400, f"unknown field {param!r}; this server takes: "
                                 f"{', '.join(_request_model().model_fields)}",
                            param=param, code="unknown_parameter") from None
-        raise ApiError(400, f"{param}: {err['msg']}", param=param, code="invalid_type") from None
+        raise ApiError(400, f"{param}: {err['msg'].removeprefix('Value error, ')}", param=param,
+                       code="invalid_type") from None
     if req.model not in (None, engine.model):
         raise ApiError(400, f"model={req.model!r} is not served here; this server serves {engine.model!r}",
                        param="model", code="model_not_found")
@@ -133,9 +163,11 @@ def parse_request(raw: bytes, engine: ImageEngine) -> list[GenerationSettings]:
     if not 1 <= req.n <= MAX_IMAGES:
         raise ApiError(400, f"n={req.n} is out of range: 1 to {MAX_IMAGES} images per request",
                        param="n", code="invalid_value")
-    if len(req.prompt) > MAX_PROMPT_CHARS:
-        raise ApiError(400, f"prompt is {len(req.prompt)} characters; the limit is {MAX_PROMPT_CHARS}",
-                       param="prompt", code="invalid_value")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(req, name)
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ApiError(400, f"{name} is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}",
+                           param=name, code="invalid_value")
     if req.steps is not None and req.steps > MAX_STEPS:
         raise ApiError(400, f"steps={req.steps} is over this server's limit of {MAX_STEPS}",
                        param="steps", code="invalid_value")
@@ -155,7 +187,8 @@ def parse_request(raw: bytes, engine: ImageEngine) -> list[GenerationSettings]:
 
     multiple, max_side = engine.limits()
     try:
-        check_settings(settings[0], multiple=multiple, max_side=max_side)
+        for s in settings:
+            check_settings(s, multiple=multiple, max_side=max_side)
     except InvalidGenerationInput as exc:
         param = "size" if exc.argument in ("height", "width") else exc.argument
         raise ApiError(400, exc.one_line, param=param, code="invalid_value") from None
@@ -213,11 +246,53 @@ class _RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - start
-            if scope["path"] == IMAGES_ROUTE:
+            if scope["path"] in (IMAGES_ROUTE, JOBS_ROUTE):
                 self.metrics.latency.labels(str(status[0])).observe(seconds)
             log_event("request", method=scope["method"], path=scope["path"], status=status[0],
                  seconds=round(seconds, 4), key=scope["state"].get("key"))
             request_id_var.reset(token)
+
+
+async def read_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, read as a stream and refused (413) as soon as it passes ``limit`` bytes.
+
+    ``await request.body()`` would first hold the whole body in memory — a client could send gigabytes (or
+    promise them in ``Content-Length`` and trickle them) before hearing no. A declared length over the limit is
+    refused before a byte is read.
+    """
+    message = (f"the request body is over {limit} bytes; send the prompt and settings only "
+               "(a valid request is well under 3 KB)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, message, code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, message, code="body_too_large")
+    return bytes(body)
+
+
+def _unavailable(exc: QueueUnavailable, job_id: str | None = None) -> ApiError:
+    kept = (f" Job {job_id} is kept in the queue: ask GET {JOBS_ROUTE}/{job_id} when it is back."
+            if job_id else " Nothing was queued.")
+    return ApiError(503, f"the job queue is unavailable, retry in a few seconds: {exc.one_line}.{kept}",
+                    type="server_error", code="queue_unavailable", retry_after=5)
+
+
+def _job_error(record) -> ApiError:
+    """What a failed or cancelled job means to the client of the synchronous endpoint."""
+    code = record.error_code or record.state
+    if code == "invalid_value":
+        return ApiError(400, record.error, code="invalid_value")
+    if code == "out_of_memory":
+        return ApiError(503, f"{record.error}; the worker freed memory and keeps serving", type="server_error",
+                        code="out_of_memory", retry_after=5)
+    if record.state == "cancelled":
+        return ApiError(503, f"the job was cancelled ({record.cancel_reason or 'cancelled'})", type="server_error",
+                        code="cancelled", retry_after=5)
+    return ApiError(500, f"{record.error or 'the job failed'}; the worker logged it under job id {record.id}",
+                    type="server_error", code=code or "internal_error")
 
 
 def create_app(config: ServeConfig, keys, *, engine: ImageEngine | None = None,
@@ -225,31 +300,47 @@ def create_app(config: ServeConfig, keys, *, engine: ImageEngine | None = None,
     """The FastAPI app: routes, error shape, metrics; the worker starts (and loads the model) at start-up.
 
     ``keys`` is a :class:`~sd35fp8_helpers.serving.auth.KeyStore`; with ``config.require_auth=False`` it may be
-    empty and clients are rate-limited by address.
+    empty and clients are rate-limited by address. With ``config.broker`` no model is loaded here: jobs go to
+    the Redis queue and requests are checked against the model the workers registered.
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    from .auth import RateLimiter, bearer_token
+    from .auth import Authenticator, RateLimiter
+    from .jwt_auth import JwtVerifier, TokenRejected
 
-    engine = engine or ImageEngine(config.model, precision=config.precision, device=config.device,
-                                   memory_strategy=config.memory_strategy)
-    service = ImageService(engine, config, on_fatal=on_fatal)
-    metrics = service.metrics = Metrics(service)
+    queue = service = None
+    if config.broker:
+        from .jobs import QueueBackend
+
+        queue = QueueBackend(config)
+        metrics = Metrics(store=queue.store)
+    else:
+        engine = engine or ImageEngine(config.model, precision=config.precision, device=config.device,
+                                       memory_strategy=config.memory_strategy)
+        service = ImageService(engine, config, on_fatal=on_fatal)
+        metrics = service.metrics = Metrics(service)
     limiter = RateLimiter(config.rate_per_min, config.burst)
+    auth = Authenticator(keys, JwtVerifier(config.jwt) if config.jwt else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        service.start()
+        if service is not None:
+            service.start()
         log_event("started", model=config.model, precision=config.precision, queue_size=config.queue_size,
-             rate_per_min=config.rate_per_min, keys=len(keys), auth=config.require_auth)
+                  rate_per_min=config.rate_per_min, keys=len(keys), auth=config.require_auth,
+                  jwt=config.jwt.algorithm if config.jwt else None, max_in_flight=config.in_flight_cap,
+                  broker=queue.safe_url if queue else None)
         yield
-        service.stop()
+        if service is not None:
+            service.stop()
         log_event("stopped")
 
     app = FastAPI(title="sd35fp8 images API", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
+    app.state.queue = queue
     app.state.metrics = metrics
     app.add_middleware(_RequestContext, metrics=metrics)
 
@@ -257,6 +348,11 @@ def create_app(config: ServeConfig, keys, *, engine: ImageEngine | None = None,
     async def _api_error(_request: Request, exc: ApiError):
         metrics.errors.labels(exc.code).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(QueueUnavailable)
+    async def _queue_down(request: Request, exc: QueueUnavailable):
+        log_event("queue_unavailable", level=logging.WARNING, broker=exc.url)
+        return await _api_error(request, _unavailable(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -275,6 +371,9 @@ def create_app(config: ServeConfig, keys, *, engine: ImageEngine | None = None,
 
     @app.get("/readyz")
     async def readyz():
+        if queue is not None:
+            body = await run_in_threadpool(queue.ready)
+            return JSONResponse(body, status_code=200 if body["ready"] else 503)
         body = {"ready": service.ready, "model": engine.model, "precision": engine.precision,
                 "device": str(engine.device), "queue_size": config.queue_size}
         if service.load_error is not None:
@@ -285,37 +384,79 @@ def create_app(config: ServeConfig, keys, *, engine: ImageEngine | None = None,
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post(IMAGES_ROUTE)
-    async def images(request: Request):
-        if config.require_auth:
-            label = keys.identify(bearer_token(request.headers.get("authorization")))
-            if label is None:
-                raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer YOUR_KEY'",
-                               type="authentication_error", code="invalid_api_key")
-        else:
+    def identify(request: Request) -> str:
+        """The caller's identity (key label, ``jwt:SUB``, or the client address with --no-auth), or 401."""
+        if not config.require_auth:
             label = f"client-{request.client.host if request.client else 'unknown'}"
+        else:
+            try:
+                label = auth.identify(request.headers.get("authorization"))
+            except TokenRejected as exc:
+                is_key = exc.message == Authenticator.MISSING
+                raise ApiError(401, exc.message, type="authentication_error",
+                               code="invalid_api_key" if is_key else "invalid_token") from None
         request.state.key = label
-        wait = limiter.retry_after(label)
+        return label
+
+    async def admit(request: Request) -> tuple[str, list[GenerationSettings]]:
+        """Identity → rate limit → readiness → body → settings: everything checked before a job exists."""
+        label = identify(request)
+        if queue is not None:
+            wait = await run_in_threadpool(queue.rate_wait, label)
+        else:
+            wait = limiter.retry_after(label)
         if wait:
             raise ApiError(429, f"rate limit of {config.rate_per_min:g} requests per minute reached for this key; "
                                 f"retry after {wait} s", type="rate_limit_error", code="rate_limit_exceeded",
                            retry_after=wait)
-        if not service.ready:
-            raise ApiError(503, "the model is still loading (see GET /readyz)", type="server_error",
-                           code="not_ready", retry_after=5)
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="body_too_large")
-        settings = parse_request(raw, engine)
+        if queue is not None:
+            served = await run_in_threadpool(queue.served)
+            if served is None:
+                raise ApiError(503, "no worker has started on this queue yet: start one with `sd35fp8 worker "
+                                    "--broker URL --model MODEL` (see GET /readyz)", type="server_error",
+                               code="not_ready", retry_after=5)
+        else:
+            if not service.ready:
+                raise ApiError(503, "the model is still loading (see GET /readyz)", type="server_error",
+                               code="not_ready", retry_after=5)
+            served = engine
+        return label, parse_request(await read_body(request), served)
+
+    def busy_error(full: QueueFull) -> ApiError:
+        if isinstance(full, KeyBusy):
+            return ApiError(429, f"this key already has {full.cap} jobs queued or running (the per-key limit); "
+                                 f"wait for one to finish, retry after {full.retry_after} s", type="rate_limit_error",
+                            code="too_many_in_flight", retry_after=full.retry_after)
+        return ApiError(429, f"the server is busy: {config.queue_size} requests are already waiting; "
+                             f"retry after {full.retry_after} s", type="server_busy", code="queue_full",
+                        retry_after=full.retry_after)
+
+    async def enqueue(request: Request, label: str, settings: list[GenerationSettings]) -> str:
+        try:
+            return await run_in_threadpool(lambda: queue.submit(settings, identity=label,
+                                                                request_id=request.state.request_id))
+        except QueueFull as full:
+            raise busy_error(full) from None
+
+    @app.post(IMAGES_ROUTE)
+    async def images(request: Request):
+        label, settings = await admit(request)
+        if queue is not None:
+            job_id = await enqueue(request, label, settings)
+            record = await _wait_queued(queue, job_id, request, config.timeout_s)
+            if record is None:
+                metrics.errors.labels("client_disconnected").inc()
+                return Response(status_code=499)
+            data = await run_in_threadpool(queue.images, record)
+            metrics.images.inc(len(data))
+            return JSONResponse({"created": int(time.time()), "data": data}, headers={"X-Job-ID": job_id})
         job = Job(settings, request.state.request_id, label)
         try:
             service.submit(job)
         except QueueFull as full:
-            raise ApiError(429, f"the server is busy: {config.queue_size} requests are already waiting; "
-                                f"retry after {full.retry_after} s", type="server_busy", code="queue_full",
-                           retry_after=full.retry_after) from None
+            raise busy_error(full) from None
         results = await _wait(job, request, config.timeout_s)
         if results is None:  # the client has gone: nobody reads this answer
             metrics.errors.labels("client_disconnected").inc()
@@ -323,6 +464,44 @@ def create_app(config: ServeConfig, keys, *, engine: ImageEngine | None = None,
         return {"created": int(time.time()),
                 "data": [{"b64_json": base64.b64encode(r.png_bytes()).decode(), "seed": r.settings.seed}
                          for r in results]}
+
+    def need_queue() -> None:
+        if queue is None:
+            raise ApiError(404, "asynchronous jobs need the Redis job queue: start the server with "
+                                "--broker redis://HOST:PORT/0 (and `sd35fp8 worker` processes); without it, use "
+                                f"POST {IMAGES_ROUTE}", code="jobs_need_broker")
+
+    async def owned(request: Request, job_id: str):
+        need_queue()
+        label = identify(request)
+        record = await run_in_threadpool(queue.record, job_id, label) if JOB_ID_PATTERN.match(job_id) else None
+        if record is None:
+            raise ApiError(404, f"no job {job_id!r} for this key (finished jobs are kept {config.result_ttl_s} s)",
+                           param="id", code="job_not_found")
+        return record
+
+    @app.post(JOBS_ROUTE)
+    async def create_job(request: Request):
+        need_queue()
+        label, settings = await admit(request)
+        job_id = await enqueue(request, label, settings)
+        return JSONResponse({"id": job_id, "object": "image.job", "status": "queued", "created": int(time.time()),
+                             "n": len(settings)}, status_code=202, headers={"Location": f"{JOBS_ROUTE}/{job_id}"})
+
+    @app.get(JOBS_ROUTE + "/{job_id}")
+    async def get_job(job_id: str, request: Request):
+        record = await owned(request, job_id)
+        return await run_in_threadpool(queue.job_json, record)
+
+    @app.delete(JOBS_ROUTE + "/{job_id}")
+    async def cancel_job(job_id: str, request: Request):
+        record = await owned(request, job_id)
+        if record.state in ("done", "failed"):
+            raise ApiError(409, f"job {job_id} has already ended ({record.state}); nothing to cancel",
+                           param="id", code="job_finished")
+        state = await run_in_threadpool(queue.cancel, job_id, "deleted")
+        log_event("job_cancel_requested", job_id=job_id, state=state)
+        return {"id": job_id, "object": "image.job", "status": "cancelling" if state == "running" else state}
 
     return app
 
@@ -347,6 +526,35 @@ async def _wait(job: Job, request, timeout_s: float) -> list[GenerationResult] |
             job.cancel("deadline")
             raise ApiError(504, f"the request took longer than the server's --timeout ({timeout_s:g} s) and was "
                                 "cancelled", type="server_error", code="timeout")
+
+
+async def _wait_queued(queue, job_id: str, request, timeout_s: float):
+    """The queued job's final record (done), polling Redis every ``POLL_S``; None when the client disconnected
+    (the job is cancelled: its worker stops at the next step); 504 (cancelled) past the deadline."""
+    from starlette.concurrency import run_in_threadpool
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            record = await run_in_threadpool(queue.store.get, job_id)
+            if record is None:
+                raise ApiError(500, f"job {job_id} disappeared from the queue before it ended", type="server_error",
+                               code="job_lost")
+            if record.final:
+                if record.state == "done":
+                    return record
+                raise _job_error(record)
+            if await request.is_disconnected():
+                await run_in_threadpool(queue.cancel, job_id, "client_disconnected")
+                log_event("client_disconnected", cancelled=True, job_id=job_id)
+                return None
+            if time.monotonic() > deadline:
+                await run_in_threadpool(queue.cancel, job_id, "deadline")
+                raise ApiError(504, f"the request took longer than the server's --timeout ({timeout_s:g} s) and was "
+                                    "cancelled", type="server_error", code="timeout")
+            await asyncio.sleep(POLL_S)
+    except QueueUnavailable as exc:
+        raise _unavailable(exc, job_id) from None
 
 
 # --- running it ----------------------------------------------------------------------------------------------

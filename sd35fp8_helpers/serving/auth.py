@@ -29,6 +29,7 @@ import math
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,20 +152,75 @@ class TokenBucket:
         return (1 - self.tokens) * 60 / self.rate_per_min
 
 
-class RateLimiter:
-    """One :class:`TokenBucket` per key label (thread-safe). ``rate_per_min <= 0`` turns limiting off."""
+MAX_RATE_IDENTITIES = 10_000
+"""Most buckets a :class:`RateLimiter` keeps. Identities are not a closed set — with ``--no-auth`` they are
+client addresses, with JWTs every ``sub`` a token issuer ever signed — so without a bound, a client that
+varies its identity grows the server's memory without limit."""
 
-    def __init__(self, rate_per_min: float, burst: int | None = None) -> None:
+
+class RateLimiter:
+    """One :class:`TokenBucket` per identity (thread-safe), at most ``max_identities`` of them.
+
+    ``rate_per_min <= 0`` turns limiting off. The buckets are kept least-recently-used first; a new identity
+    beyond the bound evicts the oldest one. That costs nothing in the common case: a bucket unused for
+    ``burst * 60 / rate`` seconds has refilled and is the same as a new one. Only a flood of distinct
+    identities inside that time could evict a half-empty bucket — giving that identity a fresh burst, a
+    bounded leniency instead of unbounded memory. (With ``--broker``, buckets live in Redis and expire there
+    once full: :meth:`~sd35fp8_helpers.serving.jobstore.JobStore.rate_wait`.)
+
+    Example:
+        >>> limiter = RateLimiter(60, burst=1, max_identities=2)
+        >>> [limiter.retry_after(who) for who in ("a", "a", "b", "c")], len(limiter)
+        ([0, 1, 0, 0], 2)
+    """
+
+    def __init__(self, rate_per_min: float, burst: int | None = None, *,
+                 max_identities: int = MAX_RATE_IDENTITIES) -> None:
         self.rate_per_min = rate_per_min
         self.burst = burst or max(1, math.ceil(rate_per_min))
-        self._buckets: dict[str, TokenBucket] = {}
+        self.max_identities = max_identities
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def retry_after(self, label: str) -> int:
         """0 when ``label`` may go ahead now (a token is taken), else whole seconds to wait (>= 1)."""
         if self.rate_per_min <= 0:
             return 0
         with self._lock:
-            bucket = self._buckets.setdefault(label, TokenBucket(self.rate_per_min, self.burst))
+            bucket = self._buckets.get(label)
+            if bucket is None:
+                bucket = self._buckets[label] = TokenBucket(self.rate_per_min, self.burst)
+                while len(self._buckets) > self.max_identities:
+                    self._buckets.popitem(last=False)
+            else:
+                self._buckets.move_to_end(label)
             wait = bucket.take()
         return 0 if wait == 0 else max(1, math.ceil(wait))
+
+
+class Authenticator:
+    """Bearer token → identity: an API key's label, or ``jwt:SUB`` for a JWT (when the server verifies JWTs).
+
+    Raises :class:`~sd35fp8_helpers.serving.jwt_auth.TokenRejected` with the reason a JWT failed; an unknown
+    or missing key gets one message whatever was wrong (a guesser learns nothing).
+    """
+
+    MISSING = "missing or invalid API key: send 'Authorization: Bearer YOUR_KEY'"
+
+    def __init__(self, keys: KeyStore, jwt=None) -> None:
+        self.keys = keys
+        self.jwt = jwt  # a JwtVerifier, or None
+
+    def identify(self, authorization: str | None) -> str:
+        from .jwt_auth import TokenRejected, looks_like_jwt
+
+        token = bearer_token(authorization)
+        if self.jwt is not None and looks_like_jwt(token):
+            return self.jwt.identify(token)
+        label = self.keys.identify(token)
+        if label is None:
+            raise TokenRejected(self.MISSING)
+        return label

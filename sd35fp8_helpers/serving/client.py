@@ -140,6 +140,86 @@ def start_server(model: str = DEFAULT_MODEL, *, api_keys: dict[str, str] | None 
         raise
 
 
+@dataclass
+class RunningWorker:
+    """A ``sd35fp8 worker`` subprocess started by :func:`start_worker`; a context manager that stops it."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        return RunningServer.log_events(self)  # type: ignore[arg-type]  (same JSON-lines format)
+
+    def kill(self) -> None:
+        """``kill -9``: no warm shutdown, no goodbye to Redis — what a crash looks like to the queue."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (Celery's warm shutdown: the running job finishes first), SIGKILL if it does not end."""
+        return RunningServer.stop(self, timeout)  # type: ignore[arg-type]
+
+    def __enter__(self) -> "RunningWorker":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
+
+
+def start_worker(broker: str, model: str = DEFAULT_MODEL, *, name: str | None = None, args: Sequence[str] = (),
+                 ready_timeout: float = READY_TIMEOUT_S, env: dict[str, str] | None = None,
+                 wait: bool = True) -> RunningWorker:
+    """Start ``sd35fp8 worker --broker BROKER --model MODEL`` and (with ``wait``) return once it has loaded,
+    warmed up and registered with the queue. ``args`` are more ``sd35fp8 worker`` options (``["--threads",
+    "1"]``). :class:`~sd35fp8_helpers.errors.ServerStartFailed` quotes its last log lines if it exits first.
+
+    Example (with :func:`~sd35fp8_helpers.serving.redis_server.start_redis`)::
+
+        with start_redis() as redis, start_worker(redis.url, name="gpu0") as worker:
+            ...   # jobs sent to redis.url now run on this worker
+    """
+    from .jobstore import JobStore
+
+    workdir = Path(tempfile.mkdtemp(prefix="sd35fp8-worker-"))
+    name = name or f"worker-{workdir.name.rsplit('-', 1)[-1]}"
+    command = [sys.executable, "-m", "sd35fp8_helpers.cli", "worker", "--broker", broker, "--model", model,
+               "--name", name, *args]
+    log_path = workdir / "worker.log"
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    worker = RunningWorker(name, process, log_path)
+    atexit.register(worker.stop)
+    if not wait:
+        return worker
+    store = JobStore(broker)
+    deadline = time.monotonic() + ready_timeout
+    try:
+        while True:
+            if process.poll() is not None:
+                tail = " | ".join(worker.logs().strip().splitlines()[-3:])
+                raise ServerStartFailed(f"sd35fp8 worker exited with code {process.returncode} before it was "
+                                        f"ready: {tail}", fix=f"read the whole log: {log_path}")
+            with contextlib.suppress(Exception):
+                if store.workers().get(name, {}).get("state") in ("ready", "busy"):
+                    return worker
+            if time.monotonic() > deadline:
+                raise ServerStartFailed(f"sd35fp8 worker was not ready after {ready_timeout:.0f} s",
+                                        fix=f"read its log: {log_path}")
+            time.sleep(0.2)
+    except BaseException:
+        worker.stop()
+        raise
+
+
 @contextlib.contextmanager
 def serve_in_background(model: str = DEFAULT_MODEL, **options: Any) -> Iterator[RunningServer]:
     """:func:`start_server` as a ``with`` block: the server is stopped however the block ends."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -42,6 +43,14 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class KeyBusy(QueueFull):
+    """The key already has ``cap`` jobs queued or running (the per-key in-flight cap)."""
+
+    def __init__(self, retry_after: int, cap: int) -> None:
+        super().__init__(retry_after)
+        self.cap = cap
+
+
 class ImageService:
     """One worker thread that owns the engine, fed by a bounded queue.
 
@@ -60,6 +69,8 @@ class ImageService:
         self.load_error: BaseException | None = None
         self.running: Job | None = None
         self._job_seconds = 1.0  # moving average, for Retry-After
+        self._in_flight: collections.Counter[str] = collections.Counter()  # key -> jobs queued or running
+        self._in_flight_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="sd35fp8-gpu-worker", daemon=True)
 
     def start(self) -> None:
@@ -80,10 +91,23 @@ class ImageService:
         self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(max(1, math.ceil(self._job_seconds * (self.queue.qsize() + 1)))) from None
+        """Queue ``job``, or raise :class:`KeyBusy` (its key is at the in-flight cap) / :class:`QueueFull`."""
+        cap = self.config.in_flight_cap
+        with self._in_flight_lock:
+            if self._in_flight[job.key] >= cap:
+                raise KeyBusy(max(1, math.ceil(self._job_seconds)), cap)
+            try:
+                self.queue.put_nowait(job)
+            except queue.Full:
+                raise QueueFull(max(1, math.ceil(self._job_seconds * (self.queue.qsize() + 1)))) from None
+            self._in_flight[job.key] += 1
+        job.future.add_done_callback(lambda _f: self._release(job.key))
+
+    def _release(self, key: str) -> None:
+        with self._in_flight_lock:
+            self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]  # bounded: only keys with work in flight are kept
 
     def _run(self) -> None:
         try:
