@@ -71,3 +71,19 @@ def model_defaults(pipe) -> InferenceDefaults:
     preset = preset_for(pipe)
     side = native_size(pipe)
     return InferenceDefaults(preset.default_steps, preset.default_guidance, side, side)
+
+
+def default_settings(pipe, prompt: str, seed: int = 0, **overrides: Any):
+    """:class:`~sd35fp8_helpers.pipeline.generation.GenerationSettings` for ``prompt`` at ``seed`` with this
+    model's own steps, guidance and size (:func:`model_defaults`); ``overrides`` replace any of them.
+
+    Example:
+        >>> from sd35fp8_helpers import load_pipeline
+        >>> default_settings(load_pipeline("scenes", device="cpu"), "a red circle", width=192).width
+        192
+    """
+    from .generation import GenerationSettings
+
+    d = model_defaults(pipe)
+    fields = {"steps": d.steps, "guidance_scale": d.guidance_scale, "height": d.height, "width": d.width}
+    return GenerationSettings(prompt, seed=seed, **{**fields, **overrides})
