@@ -8,6 +8,7 @@
      ├── ModelNotFound (FileNotFoundError)       "the model" is neither tiny, a folder nor a repo id
      ├── ModelVerificationFailed (ValueError)    a model folder has pointer files, truncated or pickle weights …
      ├── ComfyFormatError (ValueError)           a .safetensors file that is not a Comfy SD3 (scaled-FP8) checkpoint
+     ├── FP8CheckpointError (ValueError)         an FP8 folder that would load wrong (float8, no manifest) or could not be written
      ├── LoraError (ValueError)                  a LoRA file refused: not safetensors, a key that fits no layer …
      ├── UnsupportedEnvironment (RuntimeError)   old torch, no float8, a GPU below capability 8.9 …
      │    └── FP8ComputeUnavailable              FP8 compute asked for on a device without float8 matmuls
@@ -107,6 +108,19 @@ class ComfyFormatError(Sd35fp8Error, ValueError):
     def __init__(self, file: Path | str, message: str, *, fix: str = "") -> None:
         self.file = Path(file)
         super().__init__(f"{self.file.name}: {message}", fix=fix)
+
+
+class FP8CheckpointError(Sd35fp8Error, ValueError):
+    """An FP8 checkpoint folder that cannot be trusted or written; carries ``folder``.
+
+    Example message: ``sd35-fp8: holds float8 weights (transformer/diffusion_pytorch_model.safetensors: 31
+    float8 tensors) but no sd35fp8_fp8.json … fix: write it again with `sd35fp8 quantize MODEL sd35-fp8` …``.
+    Without the manifest the float8 weights would load into plain layers with their scales ignored.
+    """
+
+    def __init__(self, folder: Path | str, message: str, *, fix: str = "") -> None:
+        self.folder = Path(folder)
+        super().__init__(f"{self.folder}: {message}", fix=fix)
 
 
 class InvalidPlanInput(InvalidInput):

@@ -157,3 +157,72 @@ def test_real_size_fp8_bytes_meet_the_targets():
     assert sizes["transformer diffusers-default"]["fp8_gib"] > 10  # its "norm" skip keeps AdaLN bf16
     t5 = sizes["text_encoder_3 (T5-XXL)"]
     assert t5["bf16_gib"] > 8.8 and t5["fp8_gib"] <= 4.7 and t5["layers"] == 24 * 7
+
+
+# --- issue 12: checkpoints are never half-written, and never load unscaled ------------------------------
+
+def _share_memory(pipe) -> None:
+    """Make two layers share one float8 buffer (as tied weights do): safetensors refuses to write that, so the
+    save fails after diffusers has already written the text encoders — a real failure, midway."""
+    attn = pipe.transformer.transformer_blocks[0].attn
+    attn.to_k.weight = attn.to_q.weight[:, :]
+
+
+def test_a_failed_save_leaves_nothing_half_written(tiny_model_dir, quantized, tmp_path):
+    from sd35fp8_helpers.errors import FP8CheckpointError
+
+    fresh = tmp_path / "fresh"
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu")
+    quantize_(pipe, FP8Config(mode="storage"))
+    _share_memory(pipe)
+    with pytest.raises(FP8CheckpointError, match=r"(?s)could not be written \(RuntimeError: .*share memory.*"
+                                                 r"nothing was half-written: the folder was not created") as err:
+        save_quantized(pipe, fresh)
+    assert err.value.folder == fresh.absolute() and "save again" in err.value.fix
+    assert not fresh.exists() and list(tmp_path.iterdir()) == []  # no partial folder left beside it either
+    # Over an existing checkpoint: the failed save leaves the previous one whole and loadable.
+    good, _ = quantized
+    save_quantized(good, tmp_path / "ckpt")
+    before = tiny_latents(load_pipeline(str(tmp_path / "ckpt"), device="cpu"))
+    with pytest.raises(FP8CheckpointError, match="still holds the previous checkpoint"):
+        save_quantized(pipe, tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert torch.equal(tiny_latents(load_pipeline(str(tmp_path / "ckpt"), device="cpu")), before)
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(quantized, tmp_path):
+    from sd35fp8_helpers.errors import FP8CheckpointError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.png").write_bytes(b"\x89PNG")
+    with pytest.raises(FP8CheckpointError, match="non-empty folder that is not an FP8 checkpoint"):
+        save_quantized(quantized[0], folder)
+    assert [p.name for p in folder.iterdir()] == ["holiday.png"]  # nothing lost
+
+
+def test_float8_folder_without_manifest_is_refused_naming_folder_and_fix(quantized, tmp_path):
+    import shutil
+
+    from sd35fp8_helpers.errors import FP8CheckpointError
+
+    out = save_quantized(quantized[0], tmp_path / "fp8")
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    (cut / FP8_MANIFEST).unlink()  # what an interrupted in-place save used to leave
+    with pytest.raises(FP8CheckpointError, match=r"(?s)cut: holds float8 weights \(text_encoder_3/model\.safetensors: "
+                                                 r"\d+ float8 tensors.*but no sd35fp8_fp8\.json.*sd35fp8 quantize MODEL"):
+        load_pipeline(str(cut), device="cpu")
+    assert load_pipeline(str(out), device="cpu").sd35fp8_fp8.mode == "storage"  # with its manifest it loads
+
+
+def test_report_keeps_text_encoders_already_in_fp8(tiny_model_dir, quantized, tmp_path):
+    """A pipeline loaded with T5 in FP8 (checkpoint or Comfy file), then quantised again without T5 — what a
+    compute-mode load does — must still report T5 as FP8 storage, with its layers and the bytes it saved."""
+    out = save_quantized(quantized[0], tmp_path / "fp8")
+    pipe = load_pipeline(str(out), device="cpu")
+    loaded = {c.name: c for c in pipe.sd35fp8_fp8.components}
+    report = quantize_(pipe, FP8Config(mode="storage", text_encoder_3=False))
+    t5 = next(c for c in report.components if c.name == "text_encoder_3")
+    assert (t5.how, t5.converted) == ("fp8 storage", 14)
+    assert t5.before == loaded["text_encoder_3"].before > t5.after

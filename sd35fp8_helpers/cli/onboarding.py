@@ -10,7 +10,8 @@ def setup_arguments(p) -> None:
     p.add_argument("--dir", default="sd35fp8-setup", help="where the model, state and smoke image go")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
     p.add_argument("--include", nargs="*", default=[], help="hub: only files matching these patterns")
-    p.add_argument("--base", default="tiny", help="Comfy files: the diffusers model giving configs/VAE")
+    p.add_argument("--base", default=None, help="Comfy files: the diffusers model giving configs/VAE (default: "
+                                               "inferred from the file: the Large or Medium repo, or tiny)")
     p.add_argument("--device", default=None)
     p.add_argument("--dry-run", action="store_true", help="say what would happen; write nothing")
     p.add_argument("--json", action="store_true", help="print the stage results as JSON at the end")

@@ -63,7 +63,7 @@ class SetupConfig:
     dir: Path = Path("sd35fp8-setup")
     precision: Precision = "auto"
     include: tuple[str, ...] = ()  # hub: only these patterns (default: the diffusers layout)
-    base: str = "tiny"  # Comfy single files: where configs, tokenizers and the VAE come from
+    base: str | None = None  # Comfy single files: where configs, tokenizers and the VAE come from (None: inferred)
     device: str | None = None
     dry_run: bool = False
     free_bytes: int | None = None  # pretend this much disk is free ("would it fit on my laptop?"); None: measure

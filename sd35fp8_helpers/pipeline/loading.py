@@ -101,6 +101,8 @@ def load_pipeline(model: str | Path = DEFAULT_MODEL, *, device: str | None = Non
     pointer files, truncated or corrupt safetensors, missing components), so a bad folder raises
     ``ModelVerificationFailed`` naming each file and its fix instead of a safetensors stack trace.
     ``check_hashes=True`` also compares sha256 sums where known (reads every byte: slow for real models).
+    A folder with float8 weights but no FP8 manifest (``sd35fp8_fp8.json``) raises ``FP8CheckpointError``:
+    diffusers would load those weights with their scales ignored.
     """
     from diffusers import StableDiffusion3Pipeline
 
@@ -116,9 +118,11 @@ def load_pipeline(model: str | Path = DEFAULT_MODEL, *, device: str | None = Non
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     extra = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
-    from ..precision.checkpoint import load_fp8_components, read_manifest
+    from ..precision.checkpoint import load_fp8_components, read_manifest, require_manifest_if_float8
 
     manifest = read_manifest(source.path)  # a folder written by `sd35fp8 quantize`: FP8 layers built as stored
+    if manifest is None and source.kind != "tiny":
+        require_manifest_if_float8(source.path)  # float8 weights without it would load unscaled: refuse
     extra.update(load_fp8_components(source.path, dtype=dtype, skip=tuple(extra)) if manifest else {})
     pipe = StableDiffusion3Pipeline.from_pretrained(source.path, torch_dtype=dtype, use_safetensors=True, **extra)
     pipe.sd35fp8_source = source  # remembered for PNG metadata and reports

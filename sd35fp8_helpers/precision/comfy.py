@@ -27,11 +27,11 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ComfyFormatError
+from ..errors import ComfyFormatError, Sd35fp8Error
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -47,6 +47,16 @@ TEXT_ENCODER_PREFIXES: dict[str, str] = {
 _IGNORED_SUFFIXES = ("position_ids", "logit_scale")
 
 
+ARCHITECTURE_BASES: dict[str, str] = {
+    "large": "stabilityai/stable-diffusion-3.5-large",
+    "medium": "stabilityai/stable-diffusion-3.5-medium",
+    "tiny": "tiny",
+}
+"""Where the configs, tokenizers, scheduler and VAE of each architecture come from when no ``base`` is given
+(Large Turbo shares Large's shapes, so a Turbo file also gets Large's — same components, same configs but
+the scheduler's defaults; pass ``base=`` the Turbo repo to be exact)."""
+
+
 @dataclass
 class ComfyFileInfo:
     """What a Comfy single file holds, read from its header (no tensors loaded)."""
@@ -57,14 +67,32 @@ class ComfyFileInfo:
     scaled_layers: int
     has_scale_input: bool
     size_bytes: int
+    fp8_weights: dict[str, int] = field(default_factory=dict)  # component -> float8 weight tensors
+    unscaled: dict[str, list[str]] = field(default_factory=dict)  # component -> float8 weights with no scale_weight
+    architecture: str = "unknown"  # "large" | "medium" | "tiny" | "unknown"
+    num_layers: int = 0
+    hidden_size: int = 0
+
+    @property
+    def base(self) -> str | None:
+        """The base model this file's architecture needs (:data:`ARCHITECTURE_BASES`), None if unknown."""
+        return ARCHITECTURE_BASES.get(self.architecture)
 
     def __str__(self) -> str:
         from ..display import human_bytes
 
         parts = ", ".join(f"{k} ({n} tensors{', scaled ' + self.scaled[k] if k in self.scaled else ''})"
                           for k, n in self.components.items())
-        return (f"{self.path.name} ({human_bytes(self.size_bytes)}): {parts}; {self.scaled_layers} layers with "
-                f"scale_weight{', scale_input too' if self.has_scale_input else ''}")
+        arch = {"large": "SD3.5 Large", "medium": "SD3.5 Medium", "tiny": "the tiny SD3.5"}.get(
+            self.architecture, f"an unrecognised SD3 ({self.num_layers} joint blocks, hidden {self.hidden_size})")
+        text = (f"{self.path.name} ({human_bytes(self.size_bytes)}): {parts}; {self.scaled_layers} layers with "
+                f"scale_weight{', scale_input too' if self.has_scale_input else ''}; architecture: {arch}"
+                f"{f' (base {self.base})' if self.base else ''}")
+        for component, layers in self.unscaled.items():
+            if component in self.scaled:
+                text += (f"; WARNING: {component} is marked scaled FP8 but {len(layers)} float8 weights have no "
+                         "scale_weight")
+        return text
 
 
 def _component_of(key: str) -> tuple[str, str] | None:
@@ -74,6 +102,32 @@ def _component_of(key: str) -> tuple[str, str] | None:
         if key.startswith(prefix):
             return name, prefix
     return None
+
+
+_LARGE_KEY = f"{TRANSFORMER_PREFIX}joint_blocks.37.x_block.mlp.fc1.weight"
+_ADALN_KEY = f"{TRANSFORMER_PREFIX}joint_blocks.0.context_block.adaLN_modulation.1.bias"
+
+
+def _architecture(keys: set[str], shapes: dict[str, list[int]]) -> tuple[str, int, int]:
+    """(architecture, joint blocks, hidden size) from key names and shapes, as diffusers' ``infer_diffusers_model_type``
+    does: Large by its 38th block, Medium by an AdaLN of 6 × 1536 and a 384² position table; tiny by its preset."""
+    from ..presets import TINY
+
+    blocks = {int(k[len(TRANSFORMER_PREFIX):].split(".")[1]) for k in keys
+              if k.startswith(f"{TRANSFORMER_PREFIX}joint_blocks.")}
+    layers = 1 + max(blocks) if blocks else 0
+    hidden = shapes.get(f"{TRANSFORMER_PREFIX}x_embedder.proj.weight", [0])[0]
+    pos = shapes.get(f"{TRANSFORMER_PREFIX}pos_embed", [0, 0])
+    pos_tokens = pos[1] if len(pos) > 1 else 0
+    if _LARGE_KEY in keys:
+        return "large", layers, hidden
+    if shapes.get(_ADALN_KEY, [0])[-1] == 9216 and pos_tokens == 147456:
+        return "medium", layers, hidden
+    t = TINY.transformer
+    if (layers, hidden, pos_tokens) == (t["num_layers"], t["num_attention_heads"] * t["attention_head_dim"],
+                                        t["pos_embed_max_size"] ** 2):
+        return "tiny", layers, hidden
+    return "unknown", layers, hidden
 
 
 def inspect_comfy_file(path: str | Path) -> ComfyFileInfo:
@@ -86,10 +140,13 @@ def inspect_comfy_file(path: str | Path) -> ComfyFileInfo:
     try:
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())
-            markers = {k: f.get_slice(k).get_dtype() for k in keys if k.endswith(SCALED_FP8_MARKER)}
+            slices = {k: f.get_slice(k) for k in keys}
+            dtypes = {k: s.get_dtype() for k, s in slices.items()}
+            shapes = {k: list(s.get_shape()) for k, s in slices.items()}
     except Exception as e:  # safetensors raises its own error types (HeaderTooLarge for LFS pointers …)
         raise ComfyFormatError(path, f"is not a readable safetensors file ({e})",
                                fix="if it is a few hundred bytes it is a git-lfs pointer: run `git lfs pull`") from e
+    markers = {k: dtypes[k] for k in keys if k.endswith(SCALED_FP8_MARKER)}
     components: dict[str, int] = {}
     for k in keys:
         c = _component_of(k)
@@ -105,8 +162,39 @@ def inspect_comfy_file(path: str | Path) -> ComfyFileInfo:
         c = _component_of(k)
         if c:
             scaled[c[0]] = "F8_E4M3" if dtype == "F32" else dtype
+    key_set = set(keys)
+    fp8_weights: dict[str, int] = {}
+    unscaled: dict[str, list[str]] = {}
+    for k in keys:
+        if k.endswith(".weight") and dtypes[k].startswith("F8_"):
+            c = _component_of(k)
+            if c:
+                fp8_weights[c[0]] = fp8_weights.get(c[0], 0) + 1
+                if f"{k[: -len('.weight')]}.scale_weight" not in key_set:
+                    unscaled.setdefault(c[0], []).append(k[len(c[1]):])
+    arch, layers, hidden = _architecture(key_set, shapes)
     return ComfyFileInfo(path, components, scaled, sum(k.endswith(".scale_weight") for k in keys),
-                         any(k.endswith(".scale_input") for k in keys), path.stat().st_size)
+                         any(k.endswith(".scale_input") for k in keys), path.stat().st_size, fp8_weights, unscaled,
+                         arch, layers, hidden)
+
+
+def _refuse_unscaled(info: ComfyFileInfo) -> None:
+    """A component marked ``scaled_fp8`` whose float8 weights lack ``scale_weight``: refuse, naming the file.
+
+    Loaded as they are, those weights would be off by their missing scales (~150% relative error on the tiny
+    model, noise on a real one) — with no error anywhere.
+    """
+    for component, layers in info.unscaled.items():
+        if component not in info.scaled:
+            continue  # unscaled FP8 without a marker (a plain cast, e.g. t5xxl_fp8_e4m3fn): scale 1 is right
+        prefix = TRANSFORMER_PREFIX if component == "transformer" else TEXT_ENCODER_PREFIXES[component]
+        raise ComfyFormatError(info.path, f"marks {component} as scaled FP8 ({prefix}{SCALED_FP8_MARKER}) but "
+                               f"{len(layers)} of its {info.fp8_weights[component]} float8 weights have no "
+                               f"scale_weight (e.g. {', '.join(layers[:2])}); loaded without them it would be far "
+                               "off (~150% on the tiny model) with no error",
+                               fix="download the file again (a converter may have dropped the scales, or the "
+                                   "file is cut short), or use the original Comfy-Org file; ignore_scales=True "
+                                   "loads it anyway, to see the damage")
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -174,36 +262,94 @@ def _build(model_cls, config, state: dict, dtype, *, ignore_scales: bool):
 
     fp8_types = (torch.float8_e4m3fn, torch.float8_e5m2)
     layers = [k[: -len(".weight")] for k, v in state.items() if k.endswith(".weight") and v.dtype in fp8_types]
-    scale_input = {k: state.pop(k) for k in [k for k in state if k.endswith(".scale_input")]}
     for layer in layers:
         if ignore_scales or f"{layer}.scale_weight" not in state:  # unscaled FP8 file (or the control)
             state[f"{layer}.scale_weight"] = torch.ones(())
-    model = build_fp8_module(model_cls, config, layers, state, dtype, per_row=False)
-    for k, v in scale_input.items():
-        model.get_submodule(k[: -len(".scale_input")]).register_buffer("scale_input", v)
-    return model
+    return build_fp8_module(model_cls, config, layers, state, dtype, per_row=False)
 
 
-def load_comfy_pipeline(path: str | Path, base: str | Path = "tiny", *, device: str | None = None, dtype=None,
+BASE_CONFIG_FILES: tuple[str, ...] = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model")
+"""What a Comfy file always needs from its base: every component's config, the scheduler, the tokenizers."""
+
+
+def base_include(info: ComfyFileInfo) -> tuple[str, ...]:
+    """Hub patterns for a base repo: configs and tokenizers, plus the weights of the components the file lacks
+    (the VAE; text encoders of a transformer-only file) — never the bf16 transformer the file replaces."""
+    lacking = [c for c in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae") if c not in info.components]
+    return BASE_CONFIG_FILES + tuple(f"{c}/*.safetensors" for c in lacking)
+
+
+def _base_source(base: str | Path | None, info: ComfyFileInfo):
+    """The base as a local folder: given, or inferred from the file; a hub repo fetched only where needed."""
+    from ..pipeline.loading import ModelSource, resolve_model
+    from ..vocabulary import classify_model_spec
+
+    spec = base if base is not None else info.base
+    if spec is None:
+        raise ComfyFormatError(info.path, f"is an SD3 checkpoint of no known SD3.5 architecture ({info.num_layers} "
+                               f"joint blocks, hidden size {info.hidden_size}), so its base cannot be inferred",
+                               fix="pass base= a diffusers folder or hub repo id of the same architecture")
+    if classify_model_spec(str(spec)).kind == "hub":
+        from ..weights.hub import download
+
+        result = download(str(spec), include=base_include(info), verify=False, supplied=tuple(info.components))
+        return ModelSource(str(spec), "hub", result.path)
+    return resolve_model(spec)
+
+
+def _check_base(info: ComfyFileInfo, base_cfg: dict[str, Any], source) -> None:
+    """A base of another architecture would load and then fail inside generation (text width, depth): refuse,
+    from the header alone (before any tensor is read)."""
+    file = {"num_layers": info.num_layers, "caption_projection_dim": info.hidden_size}
+    differ = {k: (v, base_cfg.get(k)) for k, v in file.items() if base_cfg.get(k) not in (None, v)}
+    if differ:
+        what = ", ".join(f"{k} {a} in the file vs {b}" for k, (a, b) in differ.items())
+        inferred = f"leave base out (inferred from the file: {info.base})" if info.base else "pass a base"
+        raise ComfyFormatError(info.path, f"does not match its base {source.spec} ({what})",
+                               fix=f"{inferred}, or pass the diffusers model of the same SD3.5 architecture")
+
+
+def load_comfy_pipeline(path: str | Path, base: str | Path | None = None, *, device: str | None = None, dtype=None,
                         mode: str = "storage", ignore_scales: bool = False):
     """A ``StableDiffusion3Pipeline`` from a Comfy scaled-FP8 file, FP8 bytes kept, scales applied.
 
-    ``base`` supplies configs, tokenizers, scheduler, VAE and any text encoder the file lacks.
+    ``base`` supplies configs, tokenizers, scheduler, VAE and any text encoder the file lacks; by default it
+    is inferred from the file (:data:`ARCHITECTURE_BASES`: the Large or Medium repo, or ``tiny``). From a hub
+    repo only that is downloaded (:func:`base_include`) — not the 16 GB bf16 transformer the file replaces.
+    A file marked scaled FP8 whose float8 weights lack their ``scale_weight`` is refused (:class:`ComfyFormatError`).
     ``mode="auto"``/``"compute"`` then switches the transformer to FP8 compute where the GPU can
-    (see :func:`sd35fp8_helpers.precision.fp8.quantize_`). ``ignore_scales=True`` reproduces what diffusers'
-    ``from_single_file`` does (scales dropped) — only useful to see the damage.
+    (see :func:`sd35fp8_helpers.precision.quantize_`); the report still names the text encoders the file
+    holds in FP8 as FP8 storage. ``ignore_scales=True`` reproduces what diffusers' ``from_single_file`` does
+    (scales dropped) — only useful to see the damage.
     """
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from safetensors import safe_open
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-    from ..pipeline.loading import default_device, default_dtype, resolve_model
+    from ..pipeline.loading import default_device, default_dtype
     from .checkpoint import report_for_loaded
+    from .compute import fp8_compute_support
     from .quantize import FP8Config, quantize_
 
+    if mode not in ("storage", "auto", "compute"):
+        raise Sd35fp8Error(f"mode={mode!r} is not a mode", fix="use 'storage' (as stored), 'auto' or 'compute'")
     info = inspect_comfy_file(path)
-    source = resolve_model(base)
+    if not ignore_scales:
+        _refuse_unscaled(info)
     device = device or default_device()
+    if mode == "compute":  # say so before reading gigabytes, not after
+        can, why = fp8_compute_support(device)
+        if not can:
+            import torch
+
+            from ..errors import FP8ComputeUnavailable
+
+            dev = torch.device(device)
+            raise FP8ComputeUnavailable(str(dev), torch.cuda.get_device_capability(dev) if dev.type == "cuda"
+                                        else None, why)
+    source = _base_source(base, info)
+    base_cfg = SD3Transformer2DModel.load_config(source.path / "transformer")
+    _check_base(info, base_cfg, source)
     dtype = dtype or default_dtype(device)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(info.path), "pt") as f:
@@ -213,7 +359,6 @@ def load_comfy_pipeline(path: str | Path, base: str | Path = "tiny", *, device: 
                 groups.setdefault(c[0], {})[k[len(c[1]):]] = f.get_tensor(k)
 
     weights, scale_w, scale_i = _split_scales(groups.pop("transformer"))
-    base_cfg = SD3Transformer2DModel.load_config(source.path / "transformer")
     config = _transformer_config(weights, base_cfg.get("sample_size", 128))
     components: dict[str, Any] = {"transformer": _build(
         SD3Transformer2DModel, config, _convert_transformer(weights, scale_w, scale_i), dtype,
@@ -232,8 +377,8 @@ def load_comfy_pipeline(path: str | Path, base: str | Path = "tiny", *, device: 
     pipe.sd35fp8_source = source
     pipe.sd35fp8_fp8 = report_for_loaded(pipe, {"policy": "as stored"}, f"loaded from the Comfy file {info.path.name}"
                                          f"{' WITHOUT its scales' if ignore_scales else ', scales applied'}")
-    if mode != "storage":
-        pipe.sd35fp8_fp8 = quantize_(pipe, FP8Config(mode=mode, text_encoder_3=False))
+    if mode == "compute" or (mode == "auto" and fp8_compute_support(pipe.transformer.device)[0]):
+        quantize_(pipe, FP8Config(mode="compute", text_encoder_3=False))
     return pipe
 
 

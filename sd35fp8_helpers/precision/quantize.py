@@ -10,7 +10,7 @@ from ..errors import FP8ComputeUnavailable, Sd35fp8Error
 from ..vocabulary import parse_precision
 from .compute import compile_transformer, fp8_compute_support, to_compute
 from .policies import TEXT_ENCODER_POLICY, FilterFn, get_policy
-from .storage import to_storage
+from .storage import is_fp8_storage, to_storage
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -27,6 +27,17 @@ class FP8Config:
 
     ``compile_scope`` (compute mode): ``"blocks"`` compiles each transformer block (one graph reused 24–38
     times: fast first call), ``"model"`` the whole transformer.
+
+    Compute mode only:
+
+    * ``activation_scales``: ``"dynamic"`` (torchao: one scale per activation row, found by an amax pass
+      before every matmul — needs nothing, the fallback) or ``"static"`` (the calibrated ``scale_input`` of
+      each layer, see :func:`~sd35fp8_helpers.precision.calibration.calibrate_`: the cast fuses into the
+      kernel that produced the activation, no amax pass; per-tensor, so cuBLAS's tensor-wise kernel).
+    * ``weight_scales`` (static): ``"tensor"`` (one scale per weight: the tensor-wise GEMM) or ``"row"`` (one per
+      output row, as stored: the row-wise GEMM, a little more exact).
+    * ``fast_accum`` (static): cuBLAS fast accumulation (torchao's dynamic path always uses it).
+    * ``fuse_qkv``: q/k/v as one projection (:mod:`.fusion`): one GEMM and one activation cast instead of three.
     """
 
     mode: Mode = "auto"
@@ -35,6 +46,10 @@ class FP8Config:
     clip: bool = False
     compile: bool = True
     compile_scope: Literal["blocks", "model"] = "blocks"
+    activation_scales: Literal["dynamic", "static"] = "dynamic"
+    weight_scales: Literal["tensor", "row"] = "tensor"
+    fast_accum: bool = False
+    fuse_qkv: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "storage", "compute"):
@@ -42,11 +57,28 @@ class FP8Config:
         if self.compile_scope not in ("blocks", "model"):
             raise Sd35fp8Error(f"FP8Config.compile_scope={self.compile_scope!r} is not valid",
                                fix="use 'blocks' or 'model'")
+        if self.activation_scales not in ("dynamic", "static"):
+            raise Sd35fp8Error(f"FP8Config.activation_scales={self.activation_scales!r} is not valid",
+                               fix="use 'dynamic' (torchao row-wise, no calibration) or 'static' (calibrated)")
+        if self.weight_scales not in ("tensor", "row"):
+            raise Sd35fp8Error(f"FP8Config.weight_scales={self.weight_scales!r} is not valid", fix="use 'tensor' or 'row'")
+        if self.mode == "storage" and (self.activation_scales == "static" or self.fast_accum or self.fuse_qkv):
+            raise Sd35fp8Error("activation_scales='static', fast_accum and fuse_qkv are FP8 *compute* options; "
+                               "storage mode upcasts weights and multiplies in bf16",
+                               fix="use mode='compute' (or 'auto'), or drop those options")
         get_policy(self.policy)  # raises on an unknown name
 
     @property
     def policy_name(self) -> str:
         return self.policy if isinstance(self.policy, str) else getattr(self.policy, "__name__", "custom")
+
+    @property
+    def scaling(self) -> str:
+        """How compute mode scales activations, in words (the report prints it)."""
+        if self.activation_scales == "dynamic":
+            return "dynamic row-wise activation scales (torchao)"
+        return (f"static per-tensor activation scales, per-{self.weight_scales} weight scales"
+                + (", fast accumulation" if self.fast_accum else ""))
 
 
 @dataclass
@@ -68,6 +100,10 @@ class FP8Report:
     device: str
     compiled: str = "no"
     components: list[ComponentBytes] = field(default_factory=list)
+    scaling: str = ""
+    """Compute mode: how activations are scaled (dynamic row-wise, or static per-tensor from calibration)."""
+    calibration: dict[str, Any] | None = None
+    """What the static activation scales were calibrated on, when the pipeline carries them."""
 
     @property
     def converted(self) -> int:
@@ -91,9 +127,13 @@ class FP8Report:
     def __str__(self) -> str:
         from ..display import human_bytes
 
-        head = (f"FP8 {self.mode} (policy {self.policy}, compile: {self.compiled}) on {self.device}: {self.reason}\n"
+        how = f", {self.scaling}" if self.scaling else ""
+        head = (f"FP8 {self.mode} (policy {self.policy}{how}, compile: {self.compiled}) on {self.device}: "
+                f"{self.reason}\n"
                 f"{self.converted} Linear layers converted; {human_bytes(self.bytes_before)} -> "
                 f"{human_bytes(self.bytes_after)}")
+        if self.calibration:
+            head += f"\nactivation scales calibrated on {self.calibration.get('source', '?')}"
         rows = self.rows()
         widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in rows[0]} if rows else {}
         lines = ["  ".join(k.ljust(w) for k, w in widths.items())]
@@ -148,13 +188,30 @@ def apply_precision_(pipe, precision: str) -> FP8Report | None:
     return quantize_(pipe, FP8Config(mode=precision.removeprefix("fp8-")))
 
 
+def stored_row(name: str, module: "nn.Module", before: int | None = None) -> ComponentBytes:
+    """A report row read from the module itself: how many FP8-stored layers it holds, and its bytes.
+
+    ``before`` defaults to the same module with those layers unquantised (their weights at the width of the
+    module's other floating-point parameters), so a component loaded already in FP8 reports what FP8 saved.
+    """
+    after = module_bytes(module)
+    fp8 = [m for m in module.modules() if is_fp8_storage(m)]
+    if before is None:
+        width = next((p.element_size() for p in module.parameters() if p.is_floating_point()), 2)
+        before = after + sum(m.weight.numel() * (width - 1) - tensor_bytes(m.scale_weight) for m in fp8)
+    return ComponentBytes(name, before, after, len(fp8), "fp8 storage" if fp8 else "unchanged")
+
+
 def quantize_(pipe, config: FP8Config | None = None) -> FP8Report:
     """Convert a ``StableDiffusion3Pipeline`` (or a bare SD3 transformer) to FP8 in place.
 
     Trade-off: storage mode halves weight bytes everywhere at ~10–20% more time per step; compute mode
     (capability >= 8.9) also speeds the transformer up, but only with ``torch.compile`` (first call
-    compiles for 15–30 s; a warm inductor cache cuts it to a few seconds).
-    Text encoders (T5 by default, CLIPs optionally) always use storage: they run once per prompt.
+    compiles for 15–30 s; a warm inductor cache cuts it to a few seconds). Compute mode scales activations
+    dynamically (torchao, the default) or with calibrated static scales (``activation_scales="static"``,
+    after :func:`~sd35fp8_helpers.precision.calibration.calibrate_`).
+    Text encoders (T5 by default, CLIPs optionally) always use storage: they run once per prompt. A text
+    encoder that is already FP8 (an FP8 checkpoint, a Comfy file) is reported as such, converted or not.
 
     Example:
         >>> from sd35fp8_helpers import load_pipeline
@@ -176,12 +233,40 @@ def quantize_(pipe, config: FP8Config | None = None) -> FP8Report:
     reason = {"compute": "asked for compute" if config.mode == "compute" else f"auto chose compute: {why}",
               "storage": "asked for storage" if config.mode == "storage" else f"auto chose storage: {why}"}[mode]
     keep = get_policy(config.policy)
-    report = FP8Report(mode=mode, policy=config.policy_name, reason=reason, device=str(device))
+    static = mode == "compute" and config.activation_scales == "static"
+    if static:  # refuse before anything changes: a model half in static FP8 helps nobody
+        from .static import missing_scales, static_candidates
 
-    before = module_bytes(transformer)
-    names = to_compute(transformer, keep) if mode == "compute" else to_storage(transformer, keep)
-    if mode == "compute" and config.compile:
-        report.compiled = compile_transformer(transformer, config.compile_scope)
+        candidates = static_candidates(transformer, keep)
+        lacking = missing_scales(transformer, candidates)
+        if lacking:
+            raise Sd35fp8Error(f"activation_scales='static' needs a calibrated scale on every FP8 layer; "
+                               f"{len(lacking)} of {len(candidates)} have none (e.g. {', '.join(lacking[:3])})",
+                               fix="calibrate first: calibrate_(pipe, prompts), or load a checkpoint written by "
+                                   "`sd35fp8 quantize MODEL OUT --calibrate PROMPTS`; or use "
+                                   "activation_scales='dynamic'")
+    previous = {c.name: c for c in getattr(getattr(pipe, "sd35fp8_fp8", None), "components", [])}
+    report = FP8Report(mode=mode, policy=config.policy_name, reason=reason, device=str(device),
+                       scaling=config.scaling if mode == "compute" else "",
+                       calibration=getattr(getattr(pipe, "sd35fp8_fp8", None), "calibration", None))
+
+    before = previous["transformer"].before if "transformer" in previous else module_bytes(transformer)
+    if mode == "compute":
+        if config.fuse_qkv:
+            from .fusion import fuse_qkv_
+
+            fuse_qkv_(transformer)
+        if static:
+            from .static import to_static_compute
+
+            names = to_static_compute(transformer, keep, weight_scales=config.weight_scales,
+                                      fast_accum=config.fast_accum)
+        else:
+            names = to_compute(transformer, keep)
+        if config.compile:
+            report.compiled = compile_transformer(transformer, config.compile_scope)
+    else:
+        names = to_storage(transformer, keep)
     report.components.append(ComponentBytes("transformer", before, module_bytes(transformer), len(names),
                                             f"fp8 {mode}"))
     if transformer is not pipe:
@@ -190,14 +275,15 @@ def quantize_(pipe, config: FP8Config | None = None) -> FP8Report:
             encoder = getattr(pipe, attr, None)
             if encoder is None:
                 continue
-            before = module_bytes(encoder)
-            converted = to_storage(encoder, TEXT_ENCODER_POLICY) if wanted else []
-            report.components.append(ComponentBytes(attr, before, module_bytes(encoder), len(converted),
-                                                    "fp8 storage" if converted else "unchanged"))
+            if attr in previous:
+                before = previous[attr].before
+            else:
+                before = module_bytes(encoder) if wanted else None
+            if wanted:
+                to_storage(encoder, TEXT_ENCODER_POLICY)
+            report.components.append(stored_row(attr, encoder, before))
         if getattr(pipe, "vae", None) is not None:
             vae_bytes = module_bytes(pipe.vae)
             report.components.append(ComponentBytes("vae", vae_bytes, vae_bytes, 0, "unchanged"))
         pipe.sd35fp8_fp8 = report
     return report
-
-

@@ -65,13 +65,14 @@ def _float8_storage_linear_class():
             return (self.weight.float() * self.scale_weight).to(dtype or torch.float32)
 
         def _apply(self, fn, recurse=True):
-            # Module.to(dtype) would upcast the float8 buffers and silently undo the memory saving:
-            # keep them (moving device only), let the bias follow the requested dtype.
-            w, s = self.weight, self.scale_weight
+            # Module.to(dtype) would upcast the float8 buffers and silently undo the memory saving, and round
+            # the float32 scales (a calibrated scale_input too): keep their dtypes (moving device only), let
+            # the bias follow the requested dtype.
+            kept = {n: t for n, t in self._buffers.items() if n in ("weight", "scale_weight", "scale_input")}
             super()._apply(fn, recurse)
-            if self.weight.dtype != torch.float8_e4m3fn:
-                self.weight = w.to(self.weight.device)
-                self.scale_weight = s.to(self.weight.device)
+            for n, t in kept.items():
+                if self._buffers[n].dtype != t.dtype:
+                    self._buffers[n] = t.to(self._buffers[n].device)
             return self
 
         def extra_repr(self) -> str:

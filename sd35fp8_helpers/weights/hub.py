@@ -319,7 +319,8 @@ def _move_into(staging: Path, dest: Path) -> None:
 
 def download(repo_id: str, *, include: Sequence[str] | None = None, revision: str | None = None,
              local_dir: str | os.PathLike | None = None, free_bytes: int | None = None,
-             verify: bool = True, echo: Callable[[str], None] = lambda line: None) -> DownloadResult:
+             verify: bool = True, echo: Callable[[str], None] = lambda line: None,
+             supplied: Sequence[str] = ()) -> DownloadResult:
     """Download (part of) a hub repo after a disk preflight; verify it; return where it is.
 
     Without ``local_dir`` files land in the hub cache (``HF_HUB_CACHE``) and the returned path is the
@@ -327,6 +328,8 @@ def download(repo_id: str, *, include: Sequence[str] | None = None, revision: st
     ``include`` takes the hub's glob patterns (``"text_encoders/*"``, ``"*.json"``). Interrupted downloads
     resume when run again. ``verify`` hashes every LFS file against the hub's sha256 (slow for 15 GB).
     ``echo`` receives the plan line before the transfer starts (the CLI prints it).
+    ``supplied``: components the caller provides itself (a Comfy file's transformer), whose weights ``include``
+    leaves out on purpose: verification does not count them as missing.
     """
     from huggingface_hub import snapshot_download
 
@@ -343,7 +346,7 @@ def download(repo_id: str, *, include: Sequence[str] | None = None, revision: st
             path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=include, local_files_only=True))
         except Exception:
             raise offline from offline.__cause__  # not cached either: the error that names the fix
-        report = verify_model(path, VerifyConfig(check_hashes=False))
+        report = verify_model(path, VerifyConfig(check_hashes=False, supplied=tuple(supplied)))
         if not report.ok:
             raise ModelVerificationFailed(path, report.problems) from None
         return DownloadResult(repo_id, path, None, time.perf_counter() - start, report)
@@ -354,7 +357,8 @@ def download(repo_id: str, *, include: Sequence[str] | None = None, revision: st
     # The revision by name (not plan.commit), so the hub records refs/<revision> and an offline run finds it.
     path = Path(_call(repo_id, revision, snapshot_download, repo_id, revision=plan.revision, allow_patterns=paths,
                       local_dir=target))
-    report = verify_model(path, VerifyConfig(check_hashes=verify, use_git_lfs=False, expected_sha256=expected))
+    report = verify_model(path, VerifyConfig(check_hashes=verify, use_git_lfs=False, expected_sha256=expected,
+                                             supplied=tuple(supplied)))
     if not report.ok:
         raise ModelVerificationFailed(path, report.problems)
     if target is not None:

@@ -140,12 +140,15 @@ class VerifyConfig:
     ``load_pipeline`` leaves it off); ``use_git_lfs`` takes expected hashes from ``git lfs ls-files`` when the
     folder is inside a git repository; ``manifest`` is the checksum file looked for in the folder;
     ``expected_sha256`` adds known sums (relative path -> hex; the hub's file listing, for downloads).
+    ``supplied`` names components the caller brings itself (a Comfy file's transformer and text encoders):
+    their configs are still checked, their weight files are not expected.
     """
 
     check_hashes: bool = True
     use_git_lfs: bool = True
     manifest: str = MANIFEST_NAME
     expected_sha256: dict[str, str] = field(default_factory=dict)
+    supplied: tuple[str, ...] = ()
 
 
 class InvalidSafetensors(ValueError):
@@ -282,7 +285,8 @@ _CONFIG_FILES = {"scheduler": ("scheduler_config.json",), "processor": ("preproc
                  "model": ("config.json",)}
 
 
-def _check_components(root: Path, index: dict, report: VerifyReport, pointers: set[str]) -> None:
+def _check_components(root: Path, index: dict, report: VerifyReport, pointers: set[str],
+                      supplied: tuple[str, ...] = ()) -> None:
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
             continue
@@ -296,7 +300,7 @@ def _check_components(root: Path, index: dict, report: VerifyReport, pointers: s
         if not any((folder / c).is_file() for c in _CONFIG_FILES[kind]):
             report.problems.append(Problem(f"{name}/", "missing", f"no {' or '.join(_CONFIG_FILES[kind])} "
                                            f"for {spec[1]}", fetch))
-        if kind != "model":
+        if kind != "model" or name in supplied:
             continue
         names = [p.name for p in folder.iterdir() if p.is_file()]
         safetensors = [n for n in names if n.endswith(".safetensors")]
@@ -370,7 +374,7 @@ def verify_model(path: str | os.PathLike, config: VerifyConfig | None = None) ->
             report.problems.append(Problem("model_index.json", "corrupt", f"not valid JSON ({exc})",
                                            "download model_index.json again"))
         else:
-            _check_components(root, index, report, pointers)
+            _check_components(root, index, report, pointers, config.supplied)
     elif not report.files and not single:
         report.problems.append(Problem("model_index.json", "missing", "no model_index.json and no weight files: "
                                        "not a model folder", "point at the folder that holds model_index.json, "
