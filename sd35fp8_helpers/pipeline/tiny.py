@@ -251,6 +251,10 @@ def save_tiny_model(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: boo
         seconds = time.perf_counter() - start
         (staging / TINY_MARKER).write_text(json.dumps(
             {"seed": seed, "format": TINY_FORMAT_VERSION, "preset": "tiny"}, indent=2) + "\n")
+        if (out / "model_index.json").is_file() and not overwrite:
+            # another process (a second `sd35fp8 worker` starting at the same time) finished first: keep its
+            # folder — removing it would pull the files from under a process that is loading them
+            return TinyModelInfo(out, seed, seconds, _folder_size(out), cached=True)
         if out.exists():
             shutil.rmtree(out)
         try:
