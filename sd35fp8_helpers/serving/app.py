@@ -276,8 +276,8 @@ async def read_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
 def _unavailable(exc: QueueUnavailable, job_id: str | None = None) -> ApiError:
     kept = (f" Job {job_id} is kept in the queue: ask GET {JOBS_ROUTE}/{job_id} when it is back."
             if job_id else " Nothing was queued.")
-    return ApiError(503, f"the job queue is unavailable, retry in a few seconds: {exc.one_line}.{kept}",
-                    type="server_error", code="queue_unavailable", retry_after=5)
+    return ApiError(503, f"{exc.one_line} — retry in a few seconds.{kept}", type="server_error",
+                    code="queue_unavailable", retry_after=5)
 
 
 def _job_error(record) -> ApiError:

@@ -116,6 +116,7 @@ class JobRecord:
     completions: int = 0
     cancel_requested: bool = False
     cancel_reason: str = ""
+    cancel_step: int | None = None
     error: str = ""
     error_code: str = ""
     result_ttl: int = DEFAULT_RESULT_TTL_S
@@ -143,7 +144,8 @@ class JobRecord:
                    worker=h.get("worker", ""), step=num("step", int, 0), steps=num("steps", int, 0),
                    image=num("image", int, 0), attempts=num("attempts", int, 0),
                    completions=num("completions", int, 0), cancel_requested=h.get("cancel") == "1",
-                   cancel_reason=h.get("cancel_reason", ""), error=h.get("error", ""),
+                   cancel_reason=h.get("cancel_reason", ""), cancel_step=num("cancel_step", int),
+                   error=h.get("error", ""),
                    error_code=h.get("error_code", ""), result_ttl=num("result_ttl", int, DEFAULT_RESULT_TTL_S),
                    source=h.get("source", "api"), run_s=num("run_s"))
 
@@ -155,6 +157,8 @@ class JobRecord:
         for name in ("started", "finished"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
+        if self.cancel_step is not None:
+            out["progress"]["cancel_asked_at_step"] = self.cancel_step
         if self.worker:
             out["worker"] = self.worker
         if self.queue_wait_s is not None:
@@ -338,7 +342,11 @@ class JobStore:
             key = self.key("job", job_id)
             if not self.redis.exists(key):
                 return "missing"
-            self.redis.hset(key, mapping={"cancel": "1", "cancel_reason": reason})
+            pipe = self.redis.pipeline(transaction=True)  # the flag and the step it was seen at, atomically
+            pipe.hset(key, mapping={"cancel": "1", "cancel_reason": reason})
+            pipe.hget(key, "step")
+            step = pipe.execute()[1]
+            self.redis.hsetnx(key, "cancel_step", step or b"0")
             outcome = self._finish_call(job_id, "cancelled", "", error=f"cancelled: {reason}",
                                         error_code="cancelled")
             return outcome.removeprefix("already:") if outcome != "ok" else "cancelled"

@@ -2,8 +2,8 @@
 the whole cluster as Redis knows it (jobs by state, every worker's busy time and images, queue-wait and
 run-time histograms), so one scrape of any API process shows every GPU.
 
-Every series name is listed in :data:`EXPORTED` (the Grafana dashboard in ``deploy/grafana/`` may only query
-those; a test checks it against a live ``/metrics``).
+Every series name is listed in :data:`EXPORTED` (the Grafana dashboard in
+``deploy/grafana/sd35fp8-dashboard.json`` may only query those; a test checks it against a live ``/metrics``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ CLUSTER_SERIES = ("sd35fp8_queue_up", "sd35fp8_queue_jobs", "sd35fp8_queue_jobs_
                   "sd35fp8_workers_alive", "sd35fp8_worker_busy_seconds_total", "sd35fp8_worker_images_total",
                   "sd35fp8_worker_jobs_total", "sd35fp8_job_queue_wait_seconds", "sd35fp8_job_run_seconds")
 WORKER_SERIES = ("sd35fp8_worker_busy", "sd35fp8_worker_jobs_handled_total", "sd35fp8_worker_job_seconds")
-EXPORTED = API_SERIES + LOCAL_SERIES + CLUSTER_SERIES + WORKER_SERIES
+GPU_ONLY_SERIES = ("sd35fp8_gpu_memory_allocated_bytes",)
+"""Exported only where CUDA is available (in-process server, GPU workers)."""
+EXPORTED = API_SERIES + LOCAL_SERIES + CLUSTER_SERIES + WORKER_SERIES + GPU_ONLY_SERIES
 """Every sd35fp8 series some process exports (histograms by their base name)."""
 
 

@@ -62,6 +62,9 @@ def celery_config(broker_url: str, *, visibility_timeout_s: float = DEFAULT_VISI
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a worker waits for Redis to come back, however long
         "broker_connection_timeout": 2,
+        # Redis lost mid-job: let the job finish (its worker waits for Redis to store the result) instead of
+        # cancelling it; the lease makes a re-delivery of the same job a no-op.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_publish_retry": False,  # the API answers 503 at once instead of retrying a publish for seconds
         "broker_transport_options": {
             "visibility_timeout": visibility_timeout_s,
