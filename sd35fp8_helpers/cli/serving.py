@@ -4,6 +4,7 @@ rest), the GPU workers behind its Redis queue, and prompt files fanned out over 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -123,7 +124,8 @@ def worker_arguments(p) -> None:
                    help="seconds a running job is held without a heartbeat before another worker may take it")
     p.add_argument("--visibility-timeout", type=float, default=DEFAULT_VISIBILITY_TIMEOUT_S,
                    help="seconds before an unacknowledged job (its worker died) goes back on the queue")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve this worker's Prometheus metrics here")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve this worker's Prometheus metrics here (with --gpus: PORT, PORT+1, … per GPU)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
     p.add_argument("--no-warmup", action="store_true", help="take jobs without a warm-up generation first")
     p.add_argument("--log-prompts", action="store_true", help="write prompts into the logs (off: privacy)")
@@ -146,7 +148,7 @@ def worker(args) -> int:
     if args.gpus:
         gpus = visible_gpus(args.gpus)
         forwarded = [a for a in _argv_without(sys.argv[2:], ("--gpus", "--name", "--metrics-port"))]
-        return run_per_gpu(forwarded, gpus, config.name or "worker")
+        return run_per_gpu(forwarded, gpus, args.name or socket.gethostname(), args.metrics_port)
     from ..pipeline.loading import resolve_model
 
     resolve_model(config.model)  # a wrong name fails in one line, before loading

@@ -38,6 +38,17 @@ class QueueBackend:
         self.broker = config.broker
         self.store = JobStore(config.broker)
 
+    def warm(self) -> None:
+        """Build the Celery app and open its broker connection now, so the first request does not pay ~0.3 s
+        for it. Best effort: a Redis that is away at start-up is reported per request (503), not here."""
+        from .queue import celery_app
+
+        try:
+            with celery_app(self.broker).connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1)
+        except Exception:  # noqa: BLE001 - kombu/redis errors differ by version; see the docstring
+            pass
+
     @property
     def safe_url(self) -> str:
         return self.store.safe_url

@@ -340,16 +340,19 @@ def visible_gpus(spec: str) -> list[int]:
     return chosen
 
 
-def run_per_gpu(argv: Sequence[str], gpus: Sequence[int], name: str) -> int:
+def run_per_gpu(argv: Sequence[str], gpus: Sequence[int], name: str, metrics_port: int | None = None) -> int:
     """Start ``sd35fp8 worker ARGV --device cuda --name NAME-gpuI`` once per GPU (each sees only its own card
-    through ``CUDA_VISIBLE_DEVICES``), forward SIGTERM/SIGINT to them, and wait for all. Exit code: the first
-    non-zero one of the children, else 0. A child that dies is not restarted here: its jobs are re-delivered to
-    the others, and a supervisor (systemd ``Restart=on-failure``) restarts the whole group."""
+    through ``CUDA_VISIBLE_DEVICES``; metrics on ``metrics_port + i``), forward SIGTERM/SIGINT to them, and
+    wait for all. Exit code: the first non-zero one of the children, else 0. A child that dies is not restarted
+    here: its jobs are re-delivered to the others, and a supervisor (systemd ``Restart=on-failure``) restarts
+    the group."""
     children = []
-    for g in gpus:
+    for i, g in enumerate(gpus):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(g)}
         cmd = [sys.executable, "-m", "sd35fp8_helpers.cli", "worker", *argv, "--device", "cuda",
                "--name", f"{name}-gpu{g}"]
+        if metrics_port is not None:
+            cmd += ["--metrics-port", str(metrics_port + i)]
         children.append(subprocess.Popen(cmd, env=env))
     log_event("workers_started", gpus=list(gpus), pids=[c.pid for c in children])
 
