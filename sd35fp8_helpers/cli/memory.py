@@ -7,7 +7,7 @@ def plan_arguments(p) -> None:
     from ..memory.plan import DEFAULT_MARGIN
 
     p.add_argument("--vram", type=float, required=True, help="GPU memory of the card, GiB (nvidia-smi)")
-    p.add_argument("--preset", default="large", help="large or medium")
+    p.add_argument("--preset", default="large", help="large, medium or large-turbo (no CFG: batch 1 per step)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)

@@ -32,7 +32,8 @@ from ..errors import InvalidPlanInput
 from .strategies import STRATEGIES, VAE_TILE_PX, Strategy, get_strategy
 
 GIB = 2 ** 30
-PLAN_PRESETS = ("large", "medium")
+PLAN_PRESETS = ("large", "medium", "large-turbo")
+"""Large Turbo shares Large's weights' shapes (so its memory terms) but runs without CFG: batch 1 per step."""
 TEXT_TOKENS = 77 + 256
 """Text tokens the SD3 transformer attends to: CLIP (77) + T5 (256, ``max_sequence_length``)."""
 DEFAULT_MARGIN = 0.10
@@ -197,7 +198,7 @@ class Prediction:
 
 
 def predict(preset: str, strategy: str | Strategy, height: int = 1024, width: int = 1024, batch: int = 1, *,
-            precision: str = "bf16", guidance: bool = True, margin: float = DEFAULT_MARGIN,
+            precision: str = "bf16", guidance: bool | None = None, margin: float = DEFAULT_MARGIN,
             calibration: Calibration | None = None) -> Prediction:
     """Peak GPU memory (allocator) and host RAM of ``strategy`` for one generation.
 
@@ -209,17 +210,22 @@ def predict(preset: str, strategy: str | Strategy, height: int = 1024, width: in
         25.7
     """
     _check_inputs(preset, height, width, batch, margin)
+    from ..presets import get_preset
+
+    p = get_preset(preset)
+    guidance = p.uses_cfg if guidance is None else guidance  # Large Turbo: no CFG → half the activations
+    arch_name = p.arch
     if precision not in ("bf16", "fp8"):
         raise InvalidPlanInput("precision", precision, "is not a precision policy", fix="use 'bf16' or 'fp8'")
     cal = calibration or CALIBRATION
     s = get_strategy(strategy) if isinstance(strategy, str) else strategy
     fp8 = s.fp8 or precision == "fp8"
-    arch = {k: v for k, v in ARCHITECTURE[preset].items() if not (s.drop_t5 and k == "t5")}
+    arch = {k: v for k, v in ARCHITECTURE[arch_name].items() if not (s.drop_t5 and k == "t5")}
     w = {k: v.weight_bytes(fp8 and k in FP8_COMPONENTS) for k, v in arch.items()}
     cfg = 2 if guidance else 1
     tokens = batch * cfg * (height // 16 * (width // 16) + TEXT_TOKENS)
     act = {k: cal.encoder_act[k] * batch for k in ("clip_l", "clip_g", "t5") if k in arch}
-    act["transformer"] = cal.transformer_act_base[preset] + cal.transformer_act_per_token[preset] * tokens
+    act["transformer"] = cal.transformer_act_base[arch_name] + cal.transformer_act_per_token[arch_name] * tokens
     tiled = s.vae_tiling and max(height, width) > VAE_TILE_PX
     pixels = min(height, VAE_TILE_PX) * min(width, VAE_TILE_PX) if tiled else height * width * batch
     act["vae"] = cal.vae_decode_base + cal.vae_decode_per_pixel * pixels + (3 * 4 * height * width * batch if tiled else 0)
@@ -262,14 +268,19 @@ def _bytes_per_element(w: dict[str, int], arch: dict[str, ComponentStats], k: st
 
 
 def _speed(preset: str, s: Strategy, cal: Calibration) -> tuple[float, float | None]:
-    measured = cal.seconds_per_image.get(preset, {})
+    from ..presets import get_preset
+
+    arch = get_preset(preset).arch
+    measured = cal.seconds_per_image.get(arch, {})
     base = measured.get("resident")
     own = measured.get(s.name)
     if own is None and s.vae_tiling and s.name.endswith("_tiled"):
         untiled = measured.get(s.name[: -len("_tiled")])
         own = untiled / 0.97 if untiled else None
     if base and own:
-        return round(base / own, 3), own
+        # Large Turbo: the strategies rank as for Large (same weights); its s/image (28-step CFG calibration) is
+        # not Turbo's, so none is shown — docs/benchmarks.md measures Turbo's transformer loop.
+        return round(base / own, 3), (own if arch == preset else None)
     return s.speed, None
 
 

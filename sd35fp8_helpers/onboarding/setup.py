@@ -351,16 +351,21 @@ class _Run:
             return "planned", f"would generate one small image → {image}"
         if self.pipe is None:  # load was skipped: the image is valid
             return "skipped", f"{image} (pixels sha256 {self._done('smoke')['image_sha256'][:12]}…)"
+        from ..pipeline.defaults import model_defaults
+
         native = native_size(self.pipe)
         side = min(native, 512, pipeline_limits(self.pipe)[1])  # small: a smoke test, not a render
+        d = model_defaults(self.pipe)  # the model's own guidance (Large Turbo: 0, no CFG) and at most 4 steps
         result = generate(self.pipe, GenerationSettings("a photo of an astronaut riding a horse on the moon",
-                                                        seed=0, steps=4, height=side, width=side), progress=False,
+                                                        seed=0, steps=min(4, d.steps), guidance_scale=d.guidance_scale,
+                                                        height=side, width=side), progress=False,
                           precision=self.precision)
         result.model = self.config.model
         result.save(image)
         digest = image_sha256(image)
         self._mark("smoke", key=self._smoke_key(), image_sha256=digest)
-        return "ok", f"{side}x{side}, 4 steps in {result.seconds:.1f} s → {image} (pixels sha256 {digest[:12]}…)"
+        return "ok", (f"{side}x{side}, {result.settings.steps} steps, guidance {result.settings.guidance_scale:g} in "
+                      f"{result.seconds:.1f} s → {image} (pixels sha256 {digest[:12]}…)")
 
     def _stage_summary(self) -> tuple[str, str]:
         self.result.model_path = self.model_path

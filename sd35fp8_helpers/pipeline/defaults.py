@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..presets import LARGE, MEDIUM, PRESETS, TINY, Preset
+from ..presets import LARGE, MEDIUM, TINY, Preset
 
 MODEL_INFO = "sd35fp8_scenes.json"
 """File beside ``model_index.json`` in a model trained by :mod:`sd35fp8_helpers.training`: its ``inference``
@@ -48,9 +48,15 @@ def preset_for(pipe) -> Preset:
     source = getattr(pipe, "sd35fp8_source", None)
     if source is not None and source.is_tiny:
         return TINY
-    spec = (source.spec if source is not None else "").lower()
-    if "turbo" in spec and "large-turbo" in PRESETS:
-        return PRESETS["large-turbo"]
+    from ..presets import recognise_preset
+
+    config = dict(pipe.transformer.config)
+    # Large and Large Turbo have identical configs: the name (repo id, hub-cache folder, folder name,
+    # config _name_or_path) decides; recognise_preset falls back on the depth only when no name matches.
+    for name in ((source.spec, str(source.path)) if source is not None else ()):
+        found = recognise_preset(name, {"_name_or_path": config.get("_name_or_path", "")})
+        if found is not None:
+            return found
     return MEDIUM if pipe.transformer.config.num_layers == MEDIUM.transformer["num_layers"] else LARGE
 
 
