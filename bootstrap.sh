@@ -21,15 +21,16 @@ VENV="${SD35FP8_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
-# 1. System packages: git-lfs (weights come through Git LFS; tests use a real LFS repository); chromium and
-#    redis-server for `test`.
+# 1. System packages: git-lfs (weights come through Git LFS; tests use a real LFS repository); chromium for
+#    `test`; redis-server for `test` and `notebooks`.
 need_apt=()
 command -v git >/dev/null 2>&1 || need_apt+=(git)
 git lfs version >/dev/null 2>&1 || need_apt+=(git-lfs)
 # Debian's Chromium for tests/test_browser.py (Playwright drives it; it never downloads a browser of its own).
 [ "$job" = test ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && need_apt+=(chromium)
-# Debian's redis-server for tests/test_queue.py (the Celery job queue's broker: tests start their own on loopback).
-[ "$job" = test ] && ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && need_apt+=(redis-server)
+# Debian's redis-server: the job queue's broker in tests/test_queue.py and notebook 06 (each starts its own on loopback).
+{ [ "$job" = test ] || [ "$job" = notebooks ]; } && ! command -v redis-server >/dev/null 2>&1 \
+  && command -v apt-get >/dev/null 2>&1 && need_apt+=(redis-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo"; else sudo="none"; fi
   if [ "$sudo" = none ]; then
