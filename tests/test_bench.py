@@ -54,3 +54,36 @@ def test_quality_report_compares_policies_against_the_reference():
     assert "fp8 hybrid" in str(report)
     fig = report.plot()
     assert len(fig.axes) == 2 * 3 + 1  # images, heat-maps, colour bar
+
+
+def test_static_variants_say_why_they_skip_on_cpu():
+    result = run_bench("tiny", height=64, width=64, variants=("bf16", "fp8-static-fast", "fp8-static-fast-qkv"),
+                       device="cpu", warmup=1, repeats=1)
+    bf16, static, fused = result.variants
+    assert bf16.status == "ok"
+    assert static.status.startswith("skipped: FP8 compute is not possible on cpu") and fused.status == static.status
+
+
+def test_static_variants_calibrate_on_inputs_other_than_the_timed_ones():
+    from sd35fp8_helpers.benchmarks.fp8 import CALIBRATION_PASSES, build_transformer, calibrate_random
+
+    model = build_transformer("tiny", "cpu")
+    cal = calibrate_random(model, 64, 64, "cpu")
+    assert cal.calls == len(CALIBRATION_PASSES) == 3 and cal.layers == 31
+    assert 1 not in {seed for seed, _ in CALIBRATION_PASSES}  # the timed step uses input seed 1
+    assert all(model.get_submodule(n).scale_input > 0 for n in cal.amax)
+
+
+def test_cli_bench_pipeline_times_whole_images_and_writes_json(cli, tmp_path):
+    out = tmp_path / "pipeline.json"
+    proc = cli("bench", "--pipeline", "--preset", "tiny", "--steps", "2", "--batches", "1", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "SD3.5 tiny whole image (2 steps, text encoders + VAE decode)" in proc.stdout
+    data = json.loads(out.read_text())
+    bf16, fp8 = data["variants"]
+    assert [(c["label"], c["batch"]) for c in bf16["calls"]] == [("timed", 1), ("batch 2", 2)]
+    assert all(c["seconds"] > 0 and c["s_per_image"] == pytest.approx(c["seconds"] / c["batch"]) for c in bf16["calls"])
+    assert fp8["status"].startswith("skipped: FP8 compute is not possible on cpu") and not fp8["calls"]
+    assert data["sizes"] == [[128, 128], [112, 144], [128, 128]]
+    bad = cli("bench", "--pipeline", "--preset", "tiny", "--batches", "0")
+    assert bad.returncode == 1 and "--batches=[0] must all be >= 1" in bad.stderr

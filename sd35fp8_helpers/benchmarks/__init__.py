@@ -8,6 +8,7 @@ _EXPORTS = {
     "run_bench": ".fp8",
     "load_results": ".fp8",
     "plot_results": ".fp8",
+    "run_pipeline_bench": ".pipeline",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

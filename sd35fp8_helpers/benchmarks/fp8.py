@@ -38,7 +38,24 @@ VARIANTS: dict[str, str] = {
     "fp8-compute": "torchao FP8 dynamic row-wise + torch.compile (per block)",
     "fp8-compute+model-compile": "torchao FP8 dynamic row-wise + torch.compile (whole model)",
     "fp8-compute-eager": "torchao FP8 dynamic row-wise, no compile",
+    "fp8-compute-qkv": "torchao FP8 dynamic row-wise + fused QKV + torch.compile (per block)",
+    "fp8-static": "FP8 static per-tensor (calibrated) activations, per-tensor weights + torch.compile (per block)",
+    "fp8-static-fast": "FP8 static per-tensor, fast accumulation + torch.compile (per block)",
+    "fp8-static-fast-qkv": "FP8 static per-tensor, fast accumulation, fused QKV + torch.compile (per block)",
+    "fp8-static-row": "FP8 static per-tensor activations, per-row weights (row-wise GEMM), fast accumulation "
+                      "+ torch.compile (per block)",
 }
+STATIC_CONFIGS: dict[str, dict[str, Any]] = {
+    "fp8-static": dict(activation_scales="static"),
+    "fp8-static-fast": dict(activation_scales="static", fast_accum=True),
+    "fp8-static-fast-qkv": dict(activation_scales="static", fast_accum=True, fuse_qkv=True),
+    "fp8-static-row": dict(activation_scales="static", weight_scales="row", fast_accum=True),
+    "fp8-compute-qkv": dict(fuse_qkv=True),
+}
+"""FP8Config fields of the variants beyond plain torchao dynamic (fp8-compute)."""
+CALIBRATION_PASSES: tuple[tuple[int, float], ...] = ((11, 900.0), (12, 500.0), (13, 100.0))
+"""Random weights have no prompts worth the name: the static variants calibrate on these random-input
+forward passes (input seed, timestep) — other inputs than the timed ones (seed 1, timestep 500)."""
 DEFAULT_VARIANTS = ("bf16", "bf16+compile", "fp8-storage", "fp8-compute")
 TEXT_TOKENS = 333
 """77 CLIP tokens + 256 T5 tokens: the joint-attention text length of StableDiffusion3Pipeline."""
@@ -59,6 +76,8 @@ class VariantResult:
     first_call_s: float | None = None
     warm_first_call_s: float | None = None
     rel_err_vs_bf16: float | None = None
+    profile: dict[str, Any] | None = None
+    """CUDA kernel time of one step by kind (attention, GEMM, Triton, other), when asked for."""
 
 
 @dataclass
@@ -134,7 +153,8 @@ def build_transformer(preset: str, device: str, *, seed: int = 0):
     return model
 
 
-def step_inputs(model, height: int, width: int, device: str, *, seed: int = 1, batch: int = 2) -> dict[str, Any]:
+def step_inputs(model, height: int, width: int, device: str, *, seed: int = 1, batch: int = 2,
+                timestep: float = 500.0) -> dict[str, Any]:
     """Random inputs of one step: latents (16, H/8, W/8), 333 text tokens, pooled vectors; ``batch`` 2 = one
     CFG step (conditional + unconditional), 1 = a guidance-free step (Large Turbo)."""
     import torch
@@ -148,7 +168,7 @@ def step_inputs(model, height: int, width: int, device: str, *, seed: int = 1, b
     return dict(hidden_states=randn(batch, cfg.in_channels, height // 8, width // 8),
                 encoder_hidden_states=randn(batch, TEXT_TOKENS, cfg.joint_attention_dim),
                 pooled_projections=randn(batch, cfg.pooled_projection_dim),
-                timestep=torch.tensor([500.0] * batch, device=device), return_dict=False)
+                timestep=torch.tensor([timestep] * batch, device=device), return_dict=False)
 
 
 class _Timer:
@@ -175,21 +195,76 @@ class _Timer:
         return (time.perf_counter() - t) * 1000
 
 
-def _prepare(name: str, model) -> None:
-    from ..precision.compute import compile_transformer
+def calibrate_random(model, height: int, width: int, device: str, batch: int = 2):
+    """Static scales for a random-weight transformer: activation amax over :data:`CALIBRATION_PASSES`."""
+    from ..precision.calibration import record_activation_amax, set_activation_scales_
+
+    def run() -> None:
+        for seed, t in CALIBRATION_PASSES:
+            model(**step_inputs(model, height, width, device, seed=seed, batch=batch, timestep=t))
+
+    cal = record_activation_amax(model, run, source=f"{len(CALIBRATION_PASSES)} random-input forward passes "
+                                                    f"(timesteps {', '.join(str(int(t)) for _, t in CALIBRATION_PASSES)})")
+    set_activation_scales_(model, cal)
+    return cal
+
+
+def _prepare(name: str, model, *, height: int = 1024, width: int = 1024, device: str = "cpu", batch: int = 2) -> None:
+    from ..precision.compute import compile_transformer, fp8_compute_support
     from ..precision.quantize import FP8Config, quantize_
 
     if name.startswith("fp8-storage"):
         quantize_(model, FP8Config(mode="storage"))
+    elif name.startswith("fp8-static"):
+        if not fp8_compute_support(device)[0]:  # say why before spending a calibration pass
+            quantize_(model, FP8Config(mode="compute"))
+        calibrate_random(model, height, width, device, batch)
+        quantize_(model, FP8Config(mode="compute", **STATIC_CONFIGS[name]))
     elif name.startswith("fp8-compute"):
         quantize_(model, FP8Config(mode="compute", compile=name != "fp8-compute-eager",
-                                   compile_scope="model" if name.endswith("model-compile") else "blocks"))
+                                   compile_scope="model" if name.endswith("model-compile") else "blocks",
+                                   **STATIC_CONFIGS.get(name, {})))
     if name in ("bf16+compile", "fp8-storage+compile"):
         compile_transformer(model, "blocks")
 
 
+_ATTENTION = ("flash", "fmha", "cudnn", "sdpa", "attention")
+_GEMM = ("gemm", "nvjet", "cutlass", "xmma", "sm90", "scaled_mm", "matmul")
+
+
+def profile_step(fn, device: str) -> dict[str, Any]:
+    """CUDA kernel time of one call of ``fn`` by kind: attention, GEMM, Triton (fused elementwise), other.
+
+    Kernel names decide the kind (cuDNN/flash → attention; cuBLAS ``nvjet``/cutlass/xmma → GEMM; ``triton_``
+    → Triton). Also returns the 12 most expensive kernels, so the split can be checked by eye.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    kinds = {"attention": 0.0, "gemm": 0.0, "triton": 0.0, "other": 0.0}
+    counts = {k: 0 for k in kinds}
+    top = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0.0) or getattr(e, "device_time_total", 0.0)
+        if not us:
+            continue
+        name = e.key.lower()
+        kind = ("attention" if any(a in name for a in _ATTENTION) else "triton" if name.startswith("triton")
+                else "gemm" if any(g in name for g in _GEMM) else "other")
+        kinds[kind] += us / 1000
+        counts[kind] += e.count
+        top.append((us / 1000, e.count, e.key[:120]))
+    top.sort(reverse=True)
+    return {"ms": {k: round(v, 2) for k, v in kinds.items()}, "calls": counts,
+            "total_ms": round(sum(kinds.values()), 2),
+            "top": [{"ms": round(ms, 3), "calls": n, "kernel": k} for ms, n, k in top[:12]]}
+
+
 def run_variant(name: str, preset: str, height: int, width: int, steps: int, device: str, *,
-                warmup: int = 3, repeats: int = 7, reference=None) -> tuple[VariantResult, Any]:
+                warmup: int = 3, repeats: int = 7, reference=None, profile: bool = False) -> tuple[VariantResult, Any]:
     """Build, convert, warm up and time one variant. Returns the result and its output (for error checks)."""
     import torch
 
@@ -200,16 +275,17 @@ def run_variant(name: str, preset: str, height: int, width: int, steps: int, dev
     cuda = device.startswith("cuda")
     t0 = time.perf_counter()
     model = build_transformer(preset, device)
+    from ..presets import get_preset
+
+    batch = get_preset(preset).step_batch
     try:
-        _prepare(name, model)
+        _prepare(name, model, height=height, width=width, device=device, batch=batch)
         print(f"  {name}: built and converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     except FP8ComputeUnavailable as e:
         res.status = f"skipped: {e.one_line.split(' fix:')[0]}"
         return res, None
     res.weights_gib = module_bytes(model) / 2**30
-    from ..presets import get_preset
-
-    inputs = step_inputs(model, height, width, device, batch=get_preset(preset).step_batch)
+    inputs = step_inputs(model, height, width, device, batch=batch)
     timer = _Timer(device)
     if cuda:
         torch.cuda.empty_cache()
@@ -224,6 +300,8 @@ def run_variant(name: str, preset: str, height: int, width: int, steps: int, dev
             model(**inputs)
         res.ms_all = [round(timer.time_ms(lambda: model(**inputs)), 3) for _ in range(repeats)]
         out = model(**inputs)[0].float().cpu()
+        if profile and cuda:
+            res.profile = profile_step(lambda: model(**inputs), device)
     res.ms_per_step = statistics.median(res.ms_all)
     res.s_per_image = res.ms_per_step * steps / 1000
     if cuda:
@@ -272,11 +350,15 @@ def measure_t5(preset: str, device: str) -> dict[str, Any]:
 
 def run_bench(preset: str = "tiny", *, height: int | None = None, width: int | None = None, steps: int | None = None,
               variants: tuple[str, ...] = DEFAULT_VARIANTS, device: str | None = None, warmup: int = 3,
-              repeats: int = 7, warm_start: bool = False, t5: bool = False, command: str = "",
-              json_path: str | Path | None = None) -> BenchResult:
+              repeats: int = 7, warm_start: bool | tuple[str, ...] = False, t5: bool = False, command: str = "",
+              json_path: str | Path | None = None, profile: tuple[str, ...] = (),
+              deadline: float | None = None) -> BenchResult:
     """Time every variant of one preset; optionally re-run compiled ones in a fresh process (warm cache).
 
     ``json_path`` is rewritten after every variant, so a run stopped by a time limit keeps what it measured.
+    ``warm_start``: True (every compiled FP8 variant) or the names to re-run. ``profile``: variants whose
+    step is also profiled (CUDA kernel time by kind). ``deadline`` (``time.monotonic()``): variants not
+    started by then are recorded as skipped — the GPU lease is short.
     """
     import torch
 
@@ -300,26 +382,30 @@ def run_bench(preset: str = "tiny", *, height: int | None = None, width: int | N
                          batch=p.step_batch)
     reference = None
     for v in variants:
+        if deadline is not None and time.monotonic() > deadline:
+            result.variants.append(VariantResult(v, VARIANTS[v], status="skipped: out of the run's time budget"))
+            continue
         try:
             res, out = run_variant(v, preset, height, width, steps, device, warmup=warmup, repeats=repeats,
-                                   reference=reference)
+                                   reference=reference, profile=v in profile)
         except Exception as e:  # keep the other variants' numbers; the table shows the failure
-            res, out = VariantResult(v, VARIANTS[v], status=f"failed: {type(e).__name__}: {str(e)[:120]}"), None
+            res, out = VariantResult(v, VARIANTS[v], status=f"failed: {type(e).__name__}: {str(e)[:300]}"), None
+            _free(device.startswith("cuda"))
         if v == "bf16" and out is not None:
             reference = out
         result.variants.append(res)
+        base = next((r for r in result.variants if r.variant == "bf16" and r.ms_per_step), None)
+        if base and res.ms_per_step:
+            res.speedup = base.ms_per_step / res.ms_per_step
         print(f"  {v}: {res.status}, {_f(res.ms_per_step, 1)} ms/step", file=sys.stderr, flush=True)
         _write(result, json_path)
-    base = next((r for r in result.variants if r.variant == "bf16" and r.ms_per_step), None)
-    for r in result.variants:
-        if base and r.ms_per_step:
-            r.speedup = base.ms_per_step / r.ms_per_step
-    _write(result, json_path)
     if warm_start:
         for r in result.variants:
-            if r.status == "ok" and _compiled(r.variant) and (r.variant.startswith("fp8") or not device.startswith("cuda")):
+            wanted = (r.variant in warm_start) if isinstance(warm_start, tuple) else (
+                _compiled(r.variant) and (r.variant.startswith("fp8") or not device.startswith("cuda")))
+            if r.status == "ok" and wanted and (deadline is None or time.monotonic() < deadline):
                 r.warm_first_call_s = _warm_first_call(r.variant, preset, height, width, device)
-        _write(result, json_path)
+                _write(result, json_path)
     if t5:
         result.text_encoder_3 = measure_t5(preset, device)
         _write(result, json_path)
@@ -333,7 +419,7 @@ def _write(result: BenchResult, json_path: str | Path | None) -> None:
 
 
 def _compiled(variant: str) -> bool:
-    return "compile" in variant or variant == "fp8-compute"
+    return ("compile" in variant or variant.startswith(("fp8-static", "fp8-compute"))) and variant != "fp8-compute-eager"
 
 
 def _warm_first_call(variant: str, preset: str, height: int, width: int, device: str) -> float | None:

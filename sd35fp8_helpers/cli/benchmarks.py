@@ -1,4 +1,5 @@
-"""``bench``: one CFG transformer step timed per precision variant (run on the GPU machine)."""
+"""``bench``: one CFG transformer step timed per precision variant, or (``--pipeline``) whole images
+(run on the GPU machine)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def bench_arguments(p) -> None:
                                                      "first call is cold)")
     p.add_argument("--t5", action="store_true", help="also measure T5-XXL bytes in bf16 and FP8 storage")
     p.add_argument("--json", default=None, help="write the results here ('-' = stdout)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="whole images instead of one step: text encoders + --steps steps + VAE decode, bf16 eager "
+                        "vs FP8 (static scales, compiled), batch 1 and 4, first call, a size change with "
+                        "recompiles counted, and a warm start from the on-disk compile cache")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 4], help="--pipeline: images per prompt to time")
+    p.add_argument("--profile", nargs="*", default=[], choices=list(VARIANTS),
+                   help="also profile one step of these variants (CUDA kernel time by kind)")
 
 
 def bench(args) -> int:
@@ -36,13 +44,24 @@ def bench(args) -> int:
         # Set before torch is imported: a fresh folder makes this process's first compile cold; the
         # --warm-start child inherits it and finds the compiled artifacts there.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="sd35fp8-inductor-")
+    command = "sd35fp8 bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    if args.pipeline:
+        from ..benchmarks.pipeline import run_pipeline_bench
+
+        if any(b < 1 for b in args.batches):
+            from ..errors import InvalidInput
+
+            raise InvalidInput("--batches", args.batches, "must all be >= 1", fix="e.g. --batches 1 4")
+        presult = run_pipeline_bench(args.preset, steps=args.steps, device=args.device, batches=tuple(args.batches),
+                                     json_path=args.json, command=command, warm_start=args.warm_start)
+        print(presult.to_json() if args.json == "-" else presult.table())
+        return 0
     from ..benchmarks.fp8 import run_bench
 
-    command = "sd35fp8 bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     result = run_bench(args.preset, height=args.height, width=args.width, steps=args.steps,
                        variants=tuple(args.variants), device=args.device, warmup=args.warmup,
                        repeats=args.repeats, warm_start=args.warm_start, t5=args.t5, command=command,
-                       json_path=args.json)
+                       json_path=args.json, profile=tuple(args.profile))
     if args.json == "-":
         print(result.to_json())
         return 0

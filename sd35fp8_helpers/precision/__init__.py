@@ -10,6 +10,9 @@
 * **compute** — the matrix multiplies themselves run in FP8 on tensor cores (``torch._scaled_mm``, compute
   capability >= 8.9: Ada, Hopper). torchao quantises activations on the fly with one scale per row;
   it only beats bf16 under ``torch.compile`` (eager it is ~2x *slower*: the quantise kernels are unfused).
+  With *static* activation scales, calibrated once (:func:`calibrate_`, ``sd35fp8 quantize --calibrate``) and
+  stored with the checkpoint, quantising an activation is a multiply-and-cast fused into the kernel that
+  produced it, and the GEMM is cuBLAS's tensor-wise one (``FP8Config(activation_scales="static")``).
 
 ``quantize_(pipe, FP8Config())`` converts in place and returns an :class:`FP8Report` saying which mode was
 used and why, and the bytes per component before and after. Which Linears become FP8 is a *policy*
@@ -36,6 +39,9 @@ _EXPORTS = {
     "Policy": ".policies",
     "get_policy": ".policies",
     "fp8_compute_support": ".compute",
+    "calibrate_": ".calibration",
+    "Calibration": ".calibration",
+    "fuse_qkv_": ".fusion",
     "compile_transformer": ".compute",
     "save_quantized": ".checkpoint",
     "load_fp8_components": ".checkpoint",
