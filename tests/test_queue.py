@@ -26,7 +26,7 @@ import pytest
 
 from sd35fp8_helpers.pipeline.generation import GenerationSettings, read_png_metadata
 from sd35fp8_helpers.serving.auth import new_api_key
-from sd35fp8_helpers.serving.client import decode_images, free_port, start_server, start_worker
+from sd35fp8_helpers.serving.client import decode_images, free_port, start_server, start_worker, wait_for_workers
 from sd35fp8_helpers.serving.jobstore import JobStore
 from sd35fp8_helpers.serving.jwt_auth import JwtConfig, JwtVerifier, TokenRejected, make_jwt
 from sd35fp8_helpers.serving.redis_server import start_redis
@@ -83,7 +83,7 @@ class Cluster:
             futures = {name: pool.submit(start_server, "tiny", args=["--broker", self.redis.url, *args],
                                          api_keys={k: KEYS[k] for k in keys}) for name, (args, keys) in api.items()}
             self.api = {name: f.result() for name, f in futures.items()}
-        _wait_for(lambda: all(self.store.workers().get(n, {}).get("state") == "ready" for n in self.workers), 180)
+        wait_for_workers(self.redis.url, list(self.workers.values()))
 
     def url(self, name: str = "main") -> str:
         return self.api[name].url
@@ -187,7 +187,8 @@ def test_forty_jobs_from_eight_clients_over_two_workers(cluster, tiny_pipe):
     try:
         engine = ImageEngine("tiny", pipe=tiny_pipe)
         for job_id, body, image in results:
-            settings = GenerationSettings(body["prompt"], seed=body["seed"], steps=2, height=64, width=64)
+            settings = GenerationSettings(body["prompt"], seed=body["seed"], steps=2, height=64, width=64,
+                                          guidance_scale=engine.default_guidance())
             reference = engine.render([settings])[0].image
             assert image.tobytes() == reference.tobytes(), f"job {job_id}: pixels differ from the in-process path"
     finally:

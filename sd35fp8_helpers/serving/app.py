@@ -120,7 +120,7 @@ def _request_model():
         response_format: str = "b64_json"
         seed: int | None = None
         steps: int | None = None
-        guidance_scale: float = GenerationSettings.guidance_scale
+        guidance_scale: float | None = None  # None: the served model's own default
         negative_prompt: str = ""
         user: str | None = None  # OpenAI's end-user id: accepted, not used
 
@@ -180,9 +180,10 @@ def parse_request(raw: bytes, engine) -> list[GenerationSettings]:
                            param="size", code="invalid_value")
         width, height = int(match[1]), int(match[2])
     seed = secrets.randbelow(2**31) if req.seed is None else req.seed
+    guidance = req.guidance_scale if req.guidance_scale is not None else engine.default_guidance()
     settings = [GenerationSettings(req.prompt, req.negative_prompt, seed + i,
                                    default_steps if req.steps is None else req.steps,
-                                   req.guidance_scale, height, width) for i in range(req.n)]
+                                   guidance, height, width) for i in range(req.n)]
     from ..pipeline.generation import check_settings
 
     multiple, max_side = engine.limits()

@@ -111,7 +111,7 @@ def read_prompts(path: str | Path, served: ServedModel, *, seed: int = 0, steps:
             prompt=entry.get("prompt", ""), negative_prompt=entry.get("negative_prompt", negative_prompt),
             seed=entry.get("seed", seed + index), steps=entry.get("steps", steps or default_steps),
             guidance_scale=entry.get("guidance_scale", guidance_scale if guidance_scale is not None
-                                     else GenerationSettings.guidance_scale),
+                                     else served.default_guidance()),
             height=h, width=w)
         index += 1
         try:

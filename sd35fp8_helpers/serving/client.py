@@ -187,8 +187,6 @@ def start_worker(broker: str, model: str = DEFAULT_MODEL, *, name: str | None = 
         with start_redis() as redis, start_worker(redis.url, name="gpu0") as worker:
             ...   # jobs sent to redis.url now run on this worker
     """
-    from .jobstore import JobStore
-
     workdir = Path(tempfile.mkdtemp(prefix="sd35fp8-worker-"))
     name = name or f"worker-{workdir.name.rsplit('-', 1)[-1]}"
     command = [sys.executable, "-m", "sd35fp8_helpers.cli", "worker", "--broker", broker, "--model", model,
@@ -198,26 +196,38 @@ def start_worker(broker: str, model: str = DEFAULT_MODEL, *, name: str | None = 
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     worker = RunningWorker(name, process, log_path)
     atexit.register(worker.stop)
-    if not wait:
-        return worker
+    if wait:
+        try:
+            wait_for_workers(broker, [worker], ready_timeout)
+        except BaseException:
+            worker.stop()
+            raise
+    return worker
+
+
+def wait_for_workers(broker: str, workers: Sequence[RunningWorker],
+                     timeout: float = READY_TIMEOUT_S) -> dict[str, dict[str, str]]:
+    """Wait until every worker has loaded, warmed up and connected to the queue (they start in parallel: start
+    them with ``wait=False``, then call this). Returns what each registered (pid, device, model, state …);
+    :class:`~sd35fp8_helpers.errors.ServerStartFailed` with its last log lines if one exits first."""
+    from .jobstore import JobStore
+
     store = JobStore(broker)
-    deadline = time.monotonic() + ready_timeout
-    try:
-        while True:
-            if process.poll() is not None:
-                tail = " | ".join(worker.logs().strip().splitlines()[-3:])
-                raise ServerStartFailed(f"sd35fp8 worker exited with code {process.returncode} before it was "
-                                        f"ready: {tail}", fix=f"read the whole log: {log_path}")
-            with contextlib.suppress(Exception):
-                if store.workers().get(name, {}).get("state") in ("ready", "busy"):
-                    return worker
-            if time.monotonic() > deadline:
-                raise ServerStartFailed(f"sd35fp8 worker was not ready after {ready_timeout:.0f} s",
-                                        fix=f"read its log: {log_path}")
-            time.sleep(0.2)
-    except BaseException:
-        worker.stop()
-        raise
+    deadline = time.monotonic() + timeout
+    while True:
+        for w in workers:
+            if w.process.poll() is not None:
+                tail = " | ".join(w.logs().strip().splitlines()[-3:])
+                raise ServerStartFailed(f"sd35fp8 worker {w.name} exited with code {w.process.returncode} before "
+                                        f"it was ready: {tail}", fix=f"read the whole log: {w.log_path}")
+        with contextlib.suppress(Exception):
+            live = store.workers()
+            if all(live.get(w.name, {}).get("state") in ("ready", "busy") for w in workers):
+                return {w.name: live[w.name] for w in workers}
+        if time.monotonic() > deadline:
+            raise ServerStartFailed(f"sd35fp8 worker(s) not ready after {timeout:.0f} s",
+                                    fix="read their logs: " + ", ".join(str(w.log_path) for w in workers))
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager

@@ -94,12 +94,19 @@ class ImageEngine:
                 results.append(generate(pipe, s, on_step=on_step, progress=False, precision=precision))
             return results  # PNG metadata names the precision key, as `sd35fp8 generate` does
 
+    def default_guidance(self, precision: str | None = None) -> float:
+        """The guidance scale a request without one gets: the model's own (the scenes model ships its recipe)."""
+        from ..pipeline.defaults import model_defaults
+
+        return model_defaults(self.pipeline(precision)).guidance_scale
+
     def served_model(self, precision: str | None = None):
         """What a request is checked against (:class:`~sd35fp8_helpers.serving.jobstore.ServedModel`)."""
         from .jobstore import ServedModel
 
         (native, steps), (multiple, max_side) = self.defaults(precision), self.limits(precision)
-        return ServedModel(self.model, native, steps, multiple, max_side, precision or self.precision)
+        return ServedModel(self.model, native, steps, multiple, max_side, precision or self.precision,
+                           self.default_guidance(precision))
 
 
 def check_precision(precision: str) -> None:

@@ -88,6 +88,10 @@ class ServedModel:
     multiple: int
     max_side: int
     precision: str = "bf16"
+    guidance_scale: float = 4.5
+
+    def default_guidance(self) -> float:
+        return self.guidance_scale
 
     def defaults(self) -> tuple[int, int]:
         return self.native, self.default_steps
@@ -421,7 +425,7 @@ class JobStore:
             return None
         h = {k.decode(): v.decode() for k, v in raw.items()}
         return ServedModel(h["model"], int(h["native"]), int(h["default_steps"]), int(h["multiple"]),
-                           int(h["max_side"]), h.get("precision", "bf16"))
+                           int(h["max_side"]), h.get("precision", "bf16"), float(h.get("guidance_scale", 4.5)))
 
     def heartbeat(self, name: str, info: dict[str, Any]) -> None:
         key = self.key("worker", name)
