@@ -9,10 +9,10 @@ Example:
     >>> from sd35fp8_helpers import load_pipeline
     >>> from sd35fp8_helpers.lora import load_lora_, unload_lora_
     >>> pipe = load_pipeline("scenes", device="cpu")
-    >>> load_lora_(pipe, "brown", mode="side").mode  # doctest: +SKIP
+    >>> load_lora_(pipe, "diamond", mode="side").mode  # doctest: +SKIP
     'side'
-    >>> unload_lora_(pipe, "brown")  # doctest: +SKIP
-    ['brown']
+    >>> unload_lora_(pipe, "diamond")  # doctest: +SKIP
+    ['diamond']
 """
 
 from .._lazy import lazy_exports

@@ -288,10 +288,10 @@ def load_lora_(pipe, lora: str | Path, *, scale: float = 1.0, mode: Mode = "merg
         >>> from sd35fp8_helpers.precision import apply_precision_
         >>> pipe = load_pipeline("scenes", device="cpu")
         >>> _ = apply_precision_(pipe, "fp8-storage")
-        >>> load_lora_(pipe, "brown", mode="merge").layers > 0  # doctest: +SKIP
+        >>> load_lora_(pipe, "diamond", mode="merge").layers > 0  # doctest: +SKIP
         True
         >>> unload_lora_(pipe)  # doctest: +SKIP
-        ['brown']
+        ['diamond']
     """
     import torch
 

@@ -1,4 +1,4 @@
-"""LoRAs that ship inside the package, by name: ``load_lora_(pipe, "brown")``, the playground's LoRA menu and
+"""LoRAs that ship inside the package, by name: ``load_lora_(pipe, "diamond")``, the playground's LoRA menu and
 the images API's ``"lora"`` field all read this one folder.
 
 Each LoRA is ``shipped/NAME.safetensors`` (kilobytes: rank-4 on the scene model) with ``shipped/NAME.json``
@@ -18,7 +18,7 @@ def shipped_loras() -> list[str]:
     """Names of the shipped LoRAs, sorted (what the playground and the API offer).
 
     Example:
-        >>> "brown" in shipped_loras()  # doctest: +SKIP
+        >>> "diamond" in shipped_loras()  # doctest: +SKIP
         True
     """
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors"))

@@ -1,0 +1,344 @@
+"""LoRA on BF16 / FP8 storage / FP8 compute (issue 17): real safetensors files written here, real transformers
+(the trained scene model, the random tiny one), torch.equal for every "exact" claim."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sd35fp8_helpers.errors import LoraError
+from sd35fp8_helpers.lora import load_lora_, loaded_loras, set_lora_scale_, unload_lora_
+from sd35fp8_helpers.precision.quantize import FP8Config, quantize_
+
+ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+             "attn.add_v_proj", "attn.to_add_out")
+
+
+def _linears(t, suffixes=ATTENTION):
+    return [(n, m) for n, m in t.named_modules() if n.endswith(suffixes) and hasattr(m, "in_features")]
+
+
+def write_peft_lora(t, path, *, std=0.2, rank=4, seed=0, prefix="transformer.", metadata=None):
+    """A diffusers/PEFT-layout LoRA on every attention projection of ``t``: down N(0, 1/in), up N(0, std)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in _linears(t):
+        sd[f"{prefix}{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5
+        sd[f"{prefix}{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * std
+    save_file(sd, str(path), metadata=metadata)
+    return path
+
+
+def step_inputs(t, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    c = t.config
+    return dict(hidden_states=torch.randn(2, 16, c.sample_size, c.sample_size, generator=g),
+                encoder_hidden_states=torch.randn(2, 40, c.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(2, c.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([500.0, 200.0]), return_dict=False)
+
+
+def forward(t, x):
+    with torch.inference_mode():
+        return t(**x)[0].float()
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def snapshot(t) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer payload (torchao tensors by qdata and scale), as raw bytes where 1-byte."""
+    out = {}
+    for name, v in list(t.named_parameters()) + list(t.named_buffers()):
+        parts = {".qdata": v.qdata, ".scale": v.scale} if hasattr(v, "qdata") else {"": v}
+        for suffix, tensor in parts.items():
+            tensor = tensor.detach().clone()
+            out[name + suffix] = tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor
+    return out
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"changed: {different[:5]}"
+
+
+@pytest.fixture
+def scenes_transformer():
+    """The trained scene model's transformer (float32, CPU): real weights, so a LoRA's effect is realistic."""
+    from sd35fp8_helpers import load_pipeline
+
+    return load_pipeline("scenes", device="cpu").transformer
+
+
+def torchao_fp8(t):
+    """FP8 compute's weight format (torchao Float8Tensor, row-wise) on CPU: torchao's weight-only config builds
+    the same tensor type that Float8DynamicActivationFloat8WeightConfig builds on an Ada/Hopper GPU."""
+    from torchao.quantization import Float8WeightOnlyConfig
+    from torchao.quantization import quantize_ as ao_quantize_
+
+    ao_quantize_(t, Float8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+                 and fqn.startswith("transformer_blocks"))
+    return t
+
+
+# --- FP8 + LoRA ≈ BF16 + LoRA -------------------------------------------------------------------------
+
+# Measured on the scene model (CPU, float32 reference, this LoRA: std 0.2, rank 4, 63 attention Linears;
+# 2026-12-01): the LoRA changes the step's output by 14.6%; FP8 storage alone is off by 1.71%; FP8 storage +
+# LoRA merged (re-quantised) by 1.98%, on the side path by 1.85%. A LoRA that was ignored would be off by ~15%.
+LORA_EFFECT_MIN = 0.10
+FP8_ERROR_MAX = 0.025
+FP8_LORA_VS_FP8_ALONE_MAX = 1.3
+
+
+@pytest.mark.parametrize("mode", ["merge", "side"])
+def test_lora_on_fp8_storage_matches_bf16_lora_within_fp8_error(scenes_transformer, tmp_path, mode):
+    t = scenes_transformer
+    lora = write_peft_lora(t, tmp_path / "style.safetensors")
+    x = step_inputs(t)
+    base = forward(t, x)
+    report = load_lora_(t, lora, mode=mode)
+    reference = forward(t, x)  # full precision + LoRA
+    unload_lora_(t)
+    quantize_(t, FP8Config(mode="storage"))
+    fp8_alone = rel(forward(t, x), base)
+    report = load_lora_(t, lora, mode=mode)
+    fp8_lora = rel(forward(t, x), reference)
+    assert report.layers == len(_linears(t)) == 63 and report.precision == "fp8-storage"
+    assert rel(reference, base) > LORA_EFFECT_MIN          # the LoRA matters …
+    assert fp8_lora < FP8_ERROR_MAX                         # … and FP8 + LoRA is BF16 + LoRA within FP8's error
+    assert fp8_lora < FP8_LORA_VS_FP8_ALONE_MAX * fp8_alone  # the LoRA adds (almost) no error of its own
+
+
+@pytest.mark.parametrize("mode", ["merge", "side"])
+def test_lora_on_fp8_compute_weights(scenes_transformer, tmp_path, mode):
+    t = scenes_transformer
+    lora = write_peft_lora(t, tmp_path / "style.safetensors")
+    x = step_inputs(t)
+    load_lora_(t, lora)
+    reference = forward(t, x)
+    unload_lora_(t)
+    torchao_fp8(t)
+    before = snapshot(t)
+    report = load_lora_(t, lora, mode=mode)
+    assert report.precision == "fp8-compute"
+    assert rel(forward(t, x), reference) < FP8_ERROR_MAX
+    unload_lora_(t)
+    assert_same(before, snapshot(t))
+
+
+# --- exact unloading, several LoRAs, scales ----------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["float32", "fp8-storage"])
+def test_several_loras_then_unload_restores_every_weight_bit_for_bit(scenes_transformer, tmp_path, precision):
+    t = scenes_transformer
+    if precision == "fp8-storage":
+        quantize_(t, FP8Config(mode="storage"))
+    a = write_peft_lora(t, tmp_path / "a.safetensors", seed=1)
+    b = write_peft_lora(t, tmp_path / "b.safetensors", seed=2)
+    before = snapshot(t)
+    load_lora_(t, a, mode="merge", scale=0.7)
+    load_lora_(t, b, mode="side", scale=1.3)
+    assert [(x["name"], x["mode"], x["scale"]) for x in loaded_loras(t)] == [("a", "merge", 0.7), ("b", "side", 1.3)]
+    set_lora_scale_(t, "a", 0.2)
+    set_lora_scale_(t, "b", 0.5)
+    assert unload_lora_(t, "a") == ["a"]
+    assert unload_lora_(t) == ["b"]
+    assert_same(before, snapshot(t))
+    assert loaded_loras(t) == []
+    assert all(type(m).__name__ != "LoraSideLinear" for m in t.modules())
+
+
+def test_two_merged_loras_add_up_and_order_does_not_matter(scenes_transformer, tmp_path):
+    t = scenes_transformer
+    a = write_peft_lora(t, tmp_path / "a.safetensors", seed=1)
+    b = write_peft_lora(t, tmp_path / "b.safetensors", seed=2)
+    x = step_inputs(t)
+    load_lora_(t, a)
+    load_lora_(t, b)
+    ab = forward(t, x)
+    unload_lora_(t)
+    load_lora_(t, b)
+    load_lora_(t, a)
+    assert torch.allclose(forward(t, x), ab, rtol=1e-5, atol=1e-5)
+    unload_lora_(t, "b")
+    only_a = forward(t, x)
+    unload_lora_(t)
+    load_lora_(t, a, mode="side")
+    assert torch.allclose(forward(t, x), only_a, rtol=1e-4, atol=1e-5)  # merged == side in float32
+
+
+def test_side_path_scale_zero_is_the_base_model_exactly(scenes_transformer, tmp_path):
+    t = scenes_transformer
+    quantize_(t, FP8Config(mode="storage"))
+    x = step_inputs(t)
+    base = forward(t, x)
+    load_lora_(t, write_peft_lora(t, tmp_path / "a.safetensors"), mode="side")
+    assert not torch.equal(forward(t, x), base)
+    set_lora_scale_(t, "a", 0.0)
+    assert torch.equal(forward(t, x), base)
+
+
+def test_merged_scale_change_requantises_from_the_original(scenes_transformer, tmp_path):
+    """Scale 1 → 0.5 by re-merging equals loading at 0.5 directly: no rounding error accumulates."""
+    t = scenes_transformer
+    quantize_(t, FP8Config(mode="storage"))
+    lora = write_peft_lora(t, tmp_path / "a.safetensors")
+    load_lora_(t, lora, scale=0.5)
+    direct = snapshot(t)
+    unload_lora_(t)
+    load_lora_(t, lora, scale=1.0)
+    set_lora_scale_(t, "a", 0.5)
+    assert_same(direct, snapshot(t))
+
+
+def test_merge_survives_no_precision_change_it_did_not_see(scenes_transformer, tmp_path):
+    t = scenes_transformer
+    load_lora_(t, write_peft_lora(t, tmp_path / "a.safetensors"))
+    quantize_(t, FP8Config(mode="storage"))  # the merged Linears are replaced by FP8 ones
+    with pytest.raises(LoraError, match="replaced after a LoRA was merged") as e:
+        unload_lora_(t)
+    assert "mode='side'" in e.value.fix
+
+
+def test_side_path_survives_quantize(scenes_transformer, tmp_path):
+    t = scenes_transformer
+    lora = write_peft_lora(t, tmp_path / "a.safetensors")
+    x = step_inputs(t)
+    load_lora_(t, lora, mode="side")
+    reference = forward(t, x)
+    quantize_(t, FP8Config(mode="storage"))  # converts the wrapped base layers, keeps the side paths
+    assert rel(forward(t, x), reference) < FP8_ERROR_MAX
+    unload_lora_(t)
+    assert all(type(m).__name__ != "LoraSideLinear" for m in t.modules())
+
+
+# --- key layouts ----------------------------------------------------------------------------------------
+
+def _kohya_and_peft(t, tmp_path, *, comfy=False):
+    """The same LoRA twice: original MMDiT names (fused qkv, final AdaLN as shift/scale) and diffusers names."""
+    from sd35fp8_helpers.lora.keymap import original_to_diffusers, underscored
+
+    g = torch.Generator().manual_seed(3)
+    rank, alpha = 4, 2.0
+    originals = original_to_diffusers(t)
+    linears = dict(t.named_modules())
+    kohya, peft = {}, {}
+    for orig in ("joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.attn.qkv",
+                 "joint_blocks.1.x_block.attn2.qkv", "final_layer.adaLN_modulation.1", "joint_blocks.2.x_block.mlp.fc1"):
+        targets = originals[orig]
+        in_f = linears[targets[0][0]].in_features
+        out_rows = max(max(r.rows) for _, r in targets) + 1
+        down = torch.randn(rank, in_f, generator=g) * 0.1
+        up = torch.randn(out_rows, rank, generator=g) * 0.1
+        key = f"diffusion_model.{orig}" if comfy else f"lora_unet_{underscored(orig)}"
+        kohya[f"{key}.lora_down.weight"], kohya[f"{key}.lora_up.weight"] = down, up
+        kohya[f"{key}.alpha"] = torch.tensor(alpha)
+        for target, rows in targets:
+            peft[f"transformer.{target}.lora_A.weight"] = down.clone()
+            peft[f"transformer.{target}.lora_B.weight"] = up[list(rows.rows)]
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    save_file(peft, str(tmp_path / "peft.safetensors"),
+              metadata={"lora_adapter_metadata": json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha})})
+    return tmp_path / "kohya.safetensors", tmp_path / "peft.safetensors"
+
+
+@pytest.mark.parametrize("layout", ["kohya", "comfy"])
+def test_kohya_and_comfy_layouts_equal_the_diffusers_layout(scenes_transformer, tmp_path, layout):
+    t = scenes_transformer
+    kohya, peft = _kohya_and_peft(t, tmp_path, comfy=layout == "comfy")
+    before = snapshot(t)
+    report = load_lora_(t, kohya)
+    assert report.layers == 3 + 3 + 3 + 1 + 1  # each fused qkv is three diffusers Linears
+    via_original = snapshot(t)
+    unload_lora_(t)
+    load_lora_(t, peft)
+    assert_same(via_original, snapshot(t))
+    assert not torch.equal(via_original["norm_out.linear.weight"], before["norm_out.linear.weight"])
+
+
+def test_qkv_rows_and_adaln_swap_come_from_diffusers_converter(scenes_transformer):
+    from sd35fp8_helpers.lora.keymap import original_to_diffusers
+
+    m = original_to_diffusers(scenes_transformer)
+    inner = scenes_transformer.config.num_attention_heads * scenes_transformer.config.attention_head_dim
+    qkv = dict(m["joint_blocks.3.x_block.attn.qkv"])
+    assert qkv["transformer_blocks.3.attn.to_k"].rows == tuple(range(inner, 2 * inner))
+    (name, rows), = m["final_layer.adaLN_modulation.1"]
+    assert name == "norm_out.linear" and rows.rows[:3] == (inner, inner + 1, inner + 2)  # (shift, scale) → (scale, shift)
+
+
+# --- bad files ------------------------------------------------------------------------------------------
+
+def _bad(t, tmp_path, tensors, name="bad.safetensors"):
+    path = tmp_path / name
+    save_file(tensors, str(path))
+    return path
+
+
+def test_bad_files_are_refused_naming_the_first_bad_key_and_change_nothing(scenes_transformer, tmp_path):
+    t = scenes_transformer
+    before = snapshot(t)
+    q = t.get_submodule("transformer_blocks.0.attn.to_q")
+    good = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, q.in_features),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(q.out_features, 4)}
+    cases = {
+        "no match": ({"transformer.transformer_blocks.99.attn.to_q.lora_A.weight": torch.zeros(4, 160),
+                      "transformer.transformer_blocks.99.attn.to_q.lora_B.weight": torch.zeros(160, 4)},
+                     "key 'transformer.transformer_blocks.99.attn.to_q.lora_A.weight' matches no Linear layer"),
+        "wrong shape": ({**good, "transformer.transformer_blocks.1.attn.to_k.lora_A.weight": torch.zeros(4, 64),
+                         "transformer.transformer_blocks.1.attn.to_k.lora_B.weight": torch.zeros(160, 4)},
+                        r"to_k.lora_B.weight' has shapes down \(4, 64\) / up \(160, 4\) but "
+                        r"transformer_blocks.1.attn.to_k is 160 -> 160 features"),
+        "rank": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, q.in_features),
+                  "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(q.out_features, 8)},
+                 "has rank 8 but its down weight"),
+        "text encoder": ({**good, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8)},
+                         "belongs to a text encoder"),
+        "dora": ({**good, "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector.weight": torch.ones(160)},
+                 "is a DoRA weight"),
+        "not a lora": ({**good, "transformer_blocks.0.attn.to_q.weight": torch.zeros(160, 160)},
+                       "is not a LoRA weight"),
+        "half": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, q.in_features)},
+                 "has no matching up weight"),
+    }
+    for label, (tensors, message) in cases.items():
+        with pytest.raises(LoraError, match=message) as e:
+            load_lora_(t, _bad(t, tmp_path, tensors, f"{label.replace(' ', '_')}.safetensors"))
+        assert e.value.fix, label
+    assert_same(before, snapshot(t))
+    assert loaded_loras(t) == []
+
+
+def test_pickle_files_are_refused_whatever_their_name(scenes_transformer, tmp_path):
+    t = scenes_transformer
+    state = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 160)}
+    torch.save(state, tmp_path / "lora.bin")
+    torch.save(state, tmp_path / "renamed.safetensors")
+    for name in ("lora.bin", "renamed.safetensors"):
+        with pytest.raises(LoraError, match="is a pickle .* only safetensors LoRA files are accepted"):
+            load_lora_(t, tmp_path / name)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(LoraError, match="is not a readable safetensors file"):
+        load_lora_(t, tmp_path / "junk.safetensors")
+    with pytest.raises(LoraError, match="neither a file nor the name of a shipped LoRA"):
+        load_lora_(t, "no-such-lora")
+
+
+def test_bad_arguments_are_refused(scenes_transformer, tmp_path):
+    t = scenes_transformer
+    lora = write_peft_lora(t, tmp_path / "a.safetensors")
+    with pytest.raises(LoraError, match="mode='fuse' is not a LoRA mode"):
+        load_lora_(t, lora, mode="fuse")
+    with pytest.raises(LoraError, match="scale=nan is not a finite number"):
+        load_lora_(t, lora, scale=float("nan"))
+    load_lora_(t, lora)
+    with pytest.raises(LoraError, match="a LoRA named 'a' is already loaded"):
+        load_lora_(t, lora)
+    with pytest.raises(LoraError, match="is not loaded on this pipeline"):
+        unload_lora_(t, "b")
