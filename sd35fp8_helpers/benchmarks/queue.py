@@ -15,7 +15,7 @@ and without ``--broker``, all on the same model. Measures:
 On a CPU the absolute numbers are the tiny model's, and more workers than cores cannot scale; the overhead in
 ms is the transferable figure. Run::
 
-    python -m sd35fp8_helpers.benchmarks.queue --json docs/benchmarks/queue-cpu.json
+    python -m sd35fp8_helpers.benchmarks.queue --runs 3 --json docs/benchmarks/queue-cpu.json
 """
 
 from __future__ import annotations
@@ -107,6 +107,19 @@ def run(model: str = "tiny", size: int = 64, steps: int = 4, sequential: int = 2
     return results
 
 
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-number medians over runs (non-numbers, e.g. jobs per worker, from the last run)."""
+    out: dict[str, Any] = {}
+    for key, value in runs[-1].items():
+        if isinstance(value, dict):
+            out[key] = _median([r[key] for r in runs])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = round(statistics.median(r[key] for r in runs), 4)
+        else:
+            out[key] = value
+    return out
+
+
 def table(results: dict[str, Any]) -> str:
     s, one, two = results["sequential"], results["one_worker"], results["two_workers"]
     rows = [
@@ -134,13 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sequential", type=int, default=20)
     parser.add_argument("--burst", type=int, default=40)
+    parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement; the table shows medians")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
-    results = run(args.model, args.size, args.steps, args.sequential, args.burst)
+    load_before = os.getloadavg()[0]
+    runs = []
+    for _ in range(args.runs):
+        runs.append(run(args.model, args.size, args.steps, args.sequential, args.burst))
+        runs[-1]["load_average_1min"] = round(os.getloadavg()[0], 2)
+    results = _median(runs)
+    results["runs"] = runs
     results["setup"] = {
         "machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU; "
                    "the cores are shared with other work, so throughput is noisy",
         "model": args.model, "size": f"{args.size}x{args.size}", "steps": args.steps,
+        "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "torch_threads_per_process": 1, "redis": "append-only file, appendfsync always",
         "date": date.today().isoformat(), "python": platform.python_version(),
         "versions": {**library_versions(), **{n: _version(n) for n in ("celery", "kombu", "redis")},
