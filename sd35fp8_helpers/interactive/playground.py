@@ -167,7 +167,8 @@ class PlaygroundEntry:
 
     def describe(self) -> str:
         s = self.result.settings
-        return (f"seed {s.seed} · {s.steps} steps · guidance {s.guidance_scale:g} · {s.width}×{s.height} · "
+        lora = f" · LoRA {s.lora} ×{s.lora_scale:g}" if s.lora else ""
+        return (f"seed {s.seed} · {s.steps} steps · guidance {s.guidance_scale:g}{lora} · {s.width}×{s.height} · "
                 f"{precision_label(self.precision, self.result.extra['compute_dtype'])} · memory: "
                 f"{self.memory} · {self.result.seconds:.2f} s · peak {self.peak} · "
                 f"{self.path.name}")
@@ -228,6 +229,12 @@ class Playground:
                                     value="bf16", description="precision")
         self.memory = w.Dropdown(options=[(n, n) for n in offered_strategies(self.device)], value=DEFAULT_STRATEGY,
                                  description="memory")  # the ladder's own names (sd35fp8 plan ranks them)
+        from ..lora.shipped import shipped_loras
+
+        # shipped LoRAs by name; applied on a side path per image (generate → use_lora_), FP8 weights untouched
+        self.lora = w.Dropdown(options=[("none", ""), *((n, n) for n in shipped_loras())], value="",
+                               description="LoRA")
+        self.lora_scale = w.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1, description="LoRA scale")
         self.compare = w.Checkbox(value=False, description="compare BF16 with FP8 (same seed)", indent=False)
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="paint-brush")
         self.upload = w.FileUpload(accept=".png", multiple=False, description="load settings from PNG",
@@ -262,6 +269,7 @@ class Playground:
             w.HBox([self.seed, self.random_seed_button, self.steps, self.guidance]),
             w.HBox([self.size, self.width, self.height]),
             w.HBox([self.precision, self.memory, self.compare]),
+            w.HBox([self.lora, self.lora_scale]),
             w.HBox([self.generate_button, self.progress, self.progress_text, self.upload]),
             self.message,
         ])
@@ -278,7 +286,8 @@ class Playground:
     def current_settings(self) -> GenerationSettings:
         return GenerationSettings(prompt=self.prompt.value, negative_prompt=self.negative_prompt.value,
                                   seed=self.seed.value, steps=self.steps.value, guidance_scale=self.guidance.value,
-                                  height=self.height.value, width=self.width.value)
+                                  height=self.height.value, width=self.width.value, lora=self.lora.value,
+                                  lora_scale=self.lora_scale.value)
 
     def apply_metadata(self, meta: dict[str, Any]) -> None:
         """Put the settings of a saved image (PNG metadata, see ``GenerationResult.metadata``) into the controls."""
@@ -287,7 +296,13 @@ class Playground:
         self.steps.max, self.guidance.max = max(self.steps.max, s.steps), max(self.guidance.max, s.guidance_scale)
         self.steps.value, self.guidance.value = s.steps, s.guidance_scale  # sliders clamp: widen them first
         self.width.value, self.height.value = s.width, s.height
+        self.lora_scale.max = max(self.lora_scale.max, s.lora_scale)
+        self.lora_scale.value = s.lora_scale
         notes = []
+        if s.lora in dict(self.lora.options).values():
+            self.lora.value = s.lora
+        else:
+            notes.append(f"LoRA {s.lora!r} is not shipped with this version; kept {self.lora.value or 'none'!r}")
         for control, key, names in [(self.precision, meta.get("precision", "bf16"), PRECISIONS),
                                     (self.memory, LEGACY_NAMES.get(meta.get("memory"), meta.get("memory", DEFAULT_STRATEGY)),
                                      {n: n for n in strategy_names()})]:

@@ -43,6 +43,7 @@ class LoadedLora:
     mode: str
     scale: float
     layers: list[LoraLayer]
+    by_settings: bool = False  # loaded by use_lora_ for GenerationSettings.lora (swapped per image)
 
     @property
     def targets(self) -> list[str]:
@@ -399,3 +400,28 @@ def _loaded(reg: LoraRegistry, name: str) -> LoadedLora:
         loaded = ", ".join(reg.loras) or "none"
         raise LoraError(Path(name), "is not loaded on this pipeline", fix=f"loaded LoRAs: {loaded}")
     return reg.loras[name]
+
+
+def use_lora_(pipe, name: str = "", scale: float = 1.0) -> None:
+    """Make ``pipe`` carry exactly the LoRA a :class:`~sd35fp8_helpers.pipeline.generation.GenerationSettings`
+    names (``""``: none) — what ``generate`` calls for every image, so the images API and the playground can
+    take a LoRA per request.
+
+    Per-request LoRAs go on the side path: switching one on or off never touches the (FP8) weights, and scale
+    changes are free. LoRAs loaded by hand with :func:`load_lora_` are left alone. Does nothing (and imports
+    nothing heavy) when no LoRA is wanted and none is loaded.
+    """
+    reg = _transformer(pipe).__dict__.get(REGISTRY_ATTRIBUTE)
+    owned = [n for n, lora in reg.loras.items() if lora.by_settings] if reg else []
+    key = f"settings:{name}" if name else ""
+    for n in owned:
+        if n != key:
+            unload_lora_(pipe, n)
+    if not name:
+        return
+    if key in owned:
+        if registry(pipe).loras[key].scale != scale:
+            set_lora_scale_(pipe, key, scale)
+        return
+    load_lora_(pipe, name, scale=scale, mode="side", name=key)
+    registry(pipe).loras[key].by_settings = True

@@ -42,6 +42,13 @@ class GenerationSettings:
     guidance_scale: float = 4.5
     height: int = 128
     width: int = 128
+    lora: str = ""
+    """A shipped LoRA by name (:func:`~sd35fp8_helpers.lora.shipped_loras`), applied on a side path; "" = none."""
+    lora_scale: float = 1.0
+
+
+MAX_LORA_SCALE = 4.0
+"""LoRA strengths past ±4 only burn the image; infinity or NaN would poison every latent."""
 
 
 @dataclass
@@ -144,6 +151,17 @@ def check_settings(s: GenerationSettings, *, multiple: int = 16, max_side: int |
                                      "(0 or 1 disables guidance; SD3.5 uses 3.5-7)")
     if not isinstance(s.negative_prompt, str):
         raise InvalidGenerationInput("negative_prompt", s.negative_prompt, "must be text")
+    if s.lora:
+        from ..lora.shipped import shipped_loras
+
+        names = shipped_loras()
+        if s.lora not in names:
+            raise InvalidGenerationInput("lora", s.lora, "is not a shipped LoRA",
+                                         fix=f"choose one of: {', '.join(names) or 'none shipped'} (or leave it empty)")
+    x = s.lora_scale
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or abs(x) > MAX_LORA_SCALE:
+        raise InvalidGenerationInput("lora_scale", x, f"must be a finite number from -{MAX_LORA_SCALE:g} to "
+                                     f"{MAX_LORA_SCALE:g} (1 = full strength, 0 = off)")
 
 
 def text_kwargs(pipe) -> dict[str, Any]:
@@ -203,6 +221,9 @@ def generate(pipe, settings: GenerationSettings, *, on_step: StepCallback | None
             on_step(step_index + 1, settings.steps)
         return kwargs
 
+    from ..lora.apply import use_lora_
+
+    use_lora_(pipe, settings.lora, settings.lora_scale)  # the settings' LoRA on a side path (or none)
     fit_vae_tiles(pipe, settings.height, settings.width)  # VAE tiling, if on, must engage at this size
     start = time.perf_counter()
     out = pipe(
@@ -217,4 +238,12 @@ def generate(pipe, settings: GenerationSettings, *, on_step: StepCallback | None
     return GenerationResult(image=out.images[0], settings=settings, seconds=seconds,
                             model=source.spec if source else "unknown",
                             precision=actual, device=str(pipe.device),
-                            extra={"compute_dtype": compute_dtype(pipe)})
+                            extra={"compute_dtype": compute_dtype(pipe), **_lora_record(pipe)})
+
+
+def _lora_record(pipe) -> dict[str, Any]:
+    """LoRAs on the pipeline when the image was made (hand-loaded ones too): PNG metadata says so."""
+    from ..lora.apply import loaded_loras
+
+    loras = loaded_loras(pipe)
+    return {"loras": loras} if loras else {}

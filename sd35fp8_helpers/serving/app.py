@@ -106,7 +106,7 @@ def _request_model():
     class ImagesRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        @field_validator("n", "seed", "steps", "guidance_scale", mode="before")
+        @field_validator("n", "seed", "steps", "guidance_scale", "lora_scale", mode="before")
         @classmethod
         def _not_a_boolean(cls, value):  # pydantic would read true as 1: a bug in the client, not a count
             if isinstance(value, bool):
@@ -122,6 +122,8 @@ def _request_model():
         steps: int | None = None
         guidance_scale: float | None = None  # None: the served model's own default
         negative_prompt: str = ""
+        lora: str | None = None  # a shipped LoRA by name (GET … sd35fp8_helpers.lora.shipped_loras())
+        lora_scale: float = 1.0
         user: str | None = None  # OpenAI's end-user id: accepted, not used
 
     return ImagesRequest
@@ -183,7 +185,7 @@ def parse_request(raw: bytes, engine) -> list[GenerationSettings]:
     guidance = req.guidance_scale if req.guidance_scale is not None else engine.default_guidance()
     settings = [GenerationSettings(req.prompt, req.negative_prompt, seed + i,
                                    default_steps if req.steps is None else req.steps,
-                                   guidance, height, width) for i in range(req.n)]
+                                   guidance, height, width, req.lora or "", req.lora_scale) for i in range(req.n)]
     from ..pipeline.generation import check_settings
 
     multiple, max_side = engine.limits()
