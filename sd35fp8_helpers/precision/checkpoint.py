@@ -47,6 +47,19 @@ def _replace_folder(staging: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def _copy_model_info(pipe, folder: Path) -> None:
+    """Carry the model's own recipe (``sd35fp8_scenes.json``: steps, guidance, size, T5 length) into the copy:
+    without it the scene model's FP8 checkpoint would run with 256 T5 tokens instead of 32 — another picture."""
+    import shutil
+
+    from ..pipeline.defaults import MODEL_INFO
+
+    source = getattr(pipe, "sd35fp8_source", None)
+    info = Path(source.path) / MODEL_INFO if source is not None else None
+    if info is not None and info.is_file():
+        shutil.copy2(info, folder / MODEL_INFO)
+
+
 def save_quantized(pipe, out_dir: str | Path) -> Path:
     """Write a storage-quantised pipeline as a diffusers folder whose FP8 weights and scales are safetensors.
 
@@ -87,6 +100,7 @@ def save_quantized(pipe, out_dir: str | Path) -> Path:
         shutil.rmtree(staging)
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
+        _copy_model_info(pipe, staging)
         (staging / FP8_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
