@@ -22,7 +22,7 @@ _EXPORTS = {
     "unload_lora_": ".apply",
     "set_lora_scale_": ".apply",
     "loaded_loras": ".apply",
-    "resolve_lora": ".apply",
+    "resolve_lora": ".shipped",
     "LoraReport": ".apply",
     "LoraRegistry": ".apply",
     "MODES": ".apply",

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import LoraError
 from .formats import LoraLayer, parse_lora
+from .shipped import resolve_lora
 from .side import is_side_linear, side_linear_class
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -257,20 +258,6 @@ def _check_scale(file: Path | str, scale: Any) -> float:
         raise LoraError(file, f"scale={scale!r} is not a finite number",
                         fix="use a number such as 1.0 (full strength), 0.5 (half), 0 (off)")
     return float(scale)
-
-
-def resolve_lora(path_or_name: str | Path) -> Path:
-    """A LoRA file path, or the name of a LoRA shipped in the package (:func:`~.shipped.shipped_loras`)."""
-    from .shipped import SHIPPED_DIR, shipped_loras
-
-    p = Path(path_or_name).expanduser()
-    if p.exists() or p.suffix or "/" in str(path_or_name):
-        return p
-    if str(path_or_name) in shipped_loras():
-        return SHIPPED_DIR / f"{path_or_name}.safetensors"
-    names = ", ".join(shipped_loras()) or "none"
-    raise LoraError(p, "is neither a file nor the name of a shipped LoRA",
-                    fix=f"pass a .safetensors path, or one of the shipped names: {names}")
 
 
 # --- the verbs ------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import LoraError
+
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
@@ -25,9 +27,19 @@ def shipped_loras() -> list[str]:
 
 
 def shipped_lora_path(name: str) -> Path:
-    from .apply import resolve_lora
-
     return resolve_lora(name)
+
+
+def resolve_lora(path_or_name: str | Path) -> Path:
+    """A LoRA file path, or the name of a LoRA shipped in the package (:func:`~.shipped.shipped_loras`)."""
+    p = Path(path_or_name).expanduser()
+    if p.exists() or p.suffix or "/" in str(path_or_name):
+        return p
+    if str(path_or_name) in shipped_loras():
+        return SHIPPED_DIR / f"{path_or_name}.safetensors"
+    names = ", ".join(shipped_loras()) or "none"
+    raise LoraError(p, "is neither a file nor the name of a shipped LoRA",
+                    fix=f"pass a .safetensors path, or one of the shipped names: {names}")
 
 
 def shipped_lora_info(name: str) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def default_settings(pipe, prompt: str, seed: int = 0, **overrides: Any):
         >>> default_settings(load_pipeline("scenes", device="cpu"), "a red circle", width=192).width
         192
     """
-    from .generation import GenerationSettings
+    from .settings import GenerationSettings
 
     d = model_defaults(pipe)
     fields = {"steps": d.steps, "guidance_scale": d.guidance_scale, "height": d.height, "width": d.width}

@@ -20,6 +20,7 @@ from ..versions import library_versions
 from ..vocabulary import parse_precision, precision_label
 from .decode import fit_vae_tiles
 from .defaults import model_defaults, native_size  # noqa: F401  (native_size: part of this module's API)
+from .settings import GenerationSettings  # noqa: F401  (part of this module's API)
 
 PNG_METADATA_KEY = "sd35fp8"
 
@@ -29,22 +30,6 @@ MAX_STEPS = 1000
 """More denoising steps than any scheduler schedule is useful for; past it a typo holds the GPU for hours."""
 MAX_GUIDANCE = 100.0
 """Classifier-free guidance far past ~20 only saturates the image; NaN or infinity poisons every latent."""
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything that determines an image (with the model and precision): plain data, JSON-able."""
-
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 4
-    guidance_scale: float = 4.5
-    height: int = 128
-    width: int = 128
-    lora: str = ""
-    """A shipped LoRA by name (:func:`~sd35fp8_helpers.lora.shipped_loras`), applied on a side path; "" = none."""
-    lora_scale: float = 1.0
 
 
 MAX_LORA_SCALE = 4.0
