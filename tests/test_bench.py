@@ -81,7 +81,7 @@ def test_cli_bench_pipeline_times_whole_images_and_writes_json(cli, tmp_path):
     assert "SD3.5 tiny whole image (2 steps, text encoders + VAE decode)" in proc.stdout
     data = json.loads(out.read_text())
     bf16, fp8 = data["variants"]
-    assert [(c["label"], c["batch"]) for c in bf16["calls"]] == [("timed", 1), ("batch 2", 2)]
+    assert [(c["label"], c["batch"]) for c in bf16["calls"]] == [("first call", 1), ("timed", 1), ("batch 2", 2)]
     assert all(c["seconds"] > 0 and c["s_per_image"] == pytest.approx(c["seconds"] / c["batch"]) for c in bf16["calls"])
     assert fp8["status"].startswith("skipped: FP8 compute is not possible on cpu") and not fp8["calls"]
     assert data["sizes"] == [[128, 128], [112, 144], [128, 128]]

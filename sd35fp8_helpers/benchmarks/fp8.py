@@ -44,12 +44,15 @@ VARIANTS: dict[str, str] = {
     "fp8-static-fast-qkv": "FP8 static per-tensor, fast accumulation, fused QKV + torch.compile (per block)",
     "fp8-static-row": "FP8 static per-tensor activations, per-row weights (row-wise GEMM), fast accumulation "
                       "+ torch.compile (per block)",
+    "fp8-static-row-qkv": "FP8 static per-tensor activations, per-row weights (row-wise GEMM), fast accumulation, "
+                          "fused QKV + torch.compile (per block)",
 }
 STATIC_CONFIGS: dict[str, dict[str, Any]] = {
-    "fp8-static": dict(activation_scales="static"),
-    "fp8-static-fast": dict(activation_scales="static", fast_accum=True),
-    "fp8-static-fast-qkv": dict(activation_scales="static", fast_accum=True, fuse_qkv=True),
+    "fp8-static": dict(activation_scales="static", weight_scales="tensor"),
+    "fp8-static-fast": dict(activation_scales="static", weight_scales="tensor", fast_accum=True),
+    "fp8-static-fast-qkv": dict(activation_scales="static", weight_scales="tensor", fast_accum=True, fuse_qkv=True),
     "fp8-static-row": dict(activation_scales="static", weight_scales="row", fast_accum=True),
+    "fp8-static-row-qkv": dict(activation_scales="static", weight_scales="row", fast_accum=True, fuse_qkv=True),
     "fp8-compute-qkv": dict(fuse_qkv=True),
 }
 """FP8Config fields of the variants beyond plain torchao dynamic (fp8-compute)."""
@@ -498,6 +501,17 @@ def markdown_table(data: dict[str, Any]) -> str:
         lines.append(f"| {v['description']} | {_gib(v['weights_gib'])} | {_gib(v['peak_gib'])} | "
                      f"{v['ms_per_step']:.1f} | {v['s_per_image']:.2f} | {_f(speed, 2, '×')} | "
                      f"{_f(v['first_call_s'], 1)} | {_f(v['warm_first_call_s'], 1)} | {_f(v['rel_err_vs_bf16'], 4)} |")
+    return "\n".join(lines)
+
+
+def profile_markdown(profile: dict[str, Any], ms_per_step: float) -> str:
+    """A variant's step profile (``--profile``) as the Markdown table docs/benchmarks.md shows."""
+    names = {"attention": "attention (cuDNN SDPA, bf16, and the Triton kernels named after it)",
+             "gemm": "FP8 GEMMs (cuBLAS)", "triton": "Triton fused elementwise/reduction kernels", "other": "other"}
+    lines = ["| part | ms | kernels |", "|---|---|---|"]
+    lines += [f"| {names[k]} | {ms:.1f} | {profile['calls'][k]} |" for k, ms in profile["ms"].items()]
+    lines.append(f"| idle between kernels (step {ms_per_step:.1f} ms − kernels {profile['total_ms']:.1f} ms) | "
+                 f"{ms_per_step - profile['total_ms']:.1f} | |")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 A step benchmark (:mod:`.fp8`) says how fast the transformer is; a user waits for the image. This one times
 ``pipe(prompt, …)`` end to end on a real-size pipeline with random weights (nothing downloaded), one process:
 
-1. **bf16 eager** — one call at batch 1, one at batch 4 (``num_images_per_prompt``).
+1. **bf16 eager** — a first call, a timed one at batch 1, one at batch 4 (``num_images_per_prompt``).
 2. the same pipeline converted to **FP8** in place (:data:`FP8_PIPELINE_CONFIG`: the transformer in static
    per-tensor FP8 compute, calibrated on :data:`CALIBRATION_PROMPTS` through this random-weight pipeline,
    compiled per block; T5 in FP8 storage) — the first call (compile), a timed one, batch 4 (first and timed),
@@ -31,9 +31,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FP8_PIPELINE_CONFIG: dict[str, Any] = dict(mode="compute", activation_scales="static", fast_accum=True,
-                                           fuse_qkv=True, text_encoder_3=True)
-"""The FP8 whole-image variant: FP8Config fields (the fastest step variant of the H200 run, T5 in storage)."""
+FP8_PIPELINE_CONFIG: dict[str, Any] = dict(mode="compute", activation_scales="static", weight_scales="row",
+                                           fast_accum=True, fuse_qkv=True, text_encoder_3=True)
+"""The FP8 whole-image variant: FP8Config fields (the fastest step variant measured on the H200,
+``fp8-static-row-qkv``; T5 in FP8 storage). The committed whole-image run used the tensor-wise variant, the
+fastest of *its* step runs (``docs/benchmarks/pipeline-large-h200.json`` names its config)."""
 CALIBRATION_PROMPTS: tuple[str, ...] = ("a red fox in the snow", "a city street at night in the rain",
                                         "a bowl of fruit on a wooden table")
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
@@ -187,10 +189,13 @@ def _to_fp8(pipe, height: int, width: int, steps: int, config: dict[str, Any] | 
 def run_pipeline_bench(preset: str = "large", *, steps: int | None = None, device: str | None = None,
                        batches: tuple[int, ...] = (1, 4), json_path: str | Path | None = None, command: str = "",
                        warm_start: bool = True, deadline: float | None = None,
-                       fp8_config: dict[str, Any] | None = None) -> PipelineBenchResult:
+                       fp8_config: dict[str, Any] | None = None, bf16_warmup: bool = True,
+                       with_fp8: bool = True) -> PipelineBenchResult:
     """Run the whole-image benchmark (module docstring); ``json_path`` is rewritten after every call.
 
     ``fp8_config``: the FP8Config fields of the FP8 variant (default :data:`FP8_PIPELINE_CONFIG`).
+    ``bf16_warmup``: one untimed-for-the-table bf16 call first (recorded as "first call"), so the timed one
+    excludes cuBLAS/cuDNN set-up. ``with_fp8=False`` measures bf16 only.
     """
     import torch
 
@@ -224,7 +229,8 @@ def run_pipeline_bench(preset: str = "large", *, steps: int | None = None, devic
     bf16 = PipelineVariant("bf16", "bf16 eager: text encoders, transformer, VAE")
     bf16.weights_gib, bf16.transformer_gib = _weights(pipe)
     result.variants.append(bf16)
-    # Eager has nothing to compile: its first call is the timed one (cuBLAS/cuDNN set-up included, < 1%).
+    if bf16_warmup:
+        bf16.calls.append(_run(pipe, "first call", side, side, 1, steps, guidance, device, compiled=False)[0])
     call, reference = _run(pipe, "timed", side, side, 1, steps, guidance, device, compiled=False)
     bf16.calls.append(call)
     write()
@@ -233,6 +239,8 @@ def run_pipeline_bench(preset: str = "large", *, steps: int | None = None, devic
             bf16.calls.append(_run(pipe, f"batch {b}", side, side, b, steps, guidance, device, compiled=False)[0])
             write()
 
+    if not with_fp8:
+        return result
     config = dict(fp8_config or FP8_PIPELINE_CONFIG)
     fp8 = PipelineVariant("fp8", "FP8 compute transformer (" + ", ".join(f"{k}={v}" for k, v in config.items()
                                                                         if k not in ("mode",)) +
@@ -304,3 +312,25 @@ def _child(preset: str, steps: int, device: str, config: dict[str, Any]) -> None
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         _child(sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]))
+
+
+def load_pipeline_results(folder: str | Path | None = None) -> list[dict[str, Any]]:
+    """The ``pipeline-*.json`` files written by ``sd35fp8 bench --pipeline`` (default folder: ``docs/benchmarks``)."""
+    from ..constants import BENCHMARKS_DIR
+
+    return [json.loads(p.read_text()) for p in sorted(Path(folder or BENCHMARKS_DIR).glob("pipeline-*.json"))]
+
+
+def pipeline_markdown(data: dict[str, Any]) -> str:
+    """One whole-image JSON as a Markdown table (what docs/benchmarks.md shows): a row per timed call."""
+    lines = ["| variant | call | size | batch | s | s/image | images/s | peak GiB | graphs compiled |",
+             "|---" * 9 + "|"]
+    for v in data["variants"]:
+        for c in v["calls"]:
+            graphs = "-" if c["graphs_compiled"] is None else str(c["graphs_compiled"])
+            peak = "-" if c["peak_gib"] is None else f"{c['peak_gib']:.2f}"
+            lines.append(f"| {v['variant']} | {c['label']} | {c['width']}×{c['height']} | {c['batch']} | "
+                         f"{c['seconds']:.2f} | {c['s_per_image']:.2f} | {c['images_per_s']:.2f} | {peak} | {graphs} |")
+        if v["status"] != "ok":
+            lines.append(f"| {v['variant']} | {v['status']} |" + " |" * 7)
+    return "\n".join(lines)

@@ -7,7 +7,10 @@ splits the result.
 
 Why not diffusers' ``fuse_qkv_projections()``: its ``FusedJointAttnProcessor2_0`` (diffusers 0.42) skips the
 RMS q/k norms that SD3.5 has (``qk_norm="rms_norm"``), so it computes a different function — faster partly
-because it does less. The processor here is ``JointAttnProcessor2_0`` with the projections fused, norms kept.
+because it does less — and it fails on Medium's dual-attention layers (``attn2`` gets no text stream:
+``AttributeError: 'NoneType' object has no attribute 'ndim'`` on the tiny model). It also keeps the separate
+projections (+1.2 GiB on Large, REFERENCE §10). The processor here is ``JointAttnProcessor2_0`` with the
+projections fused, norms kept; on the H200 fusion saved 1.0–2.8 ms of a Large step (docs/benchmarks.md).
 
 Works on plain Linears and on FP8-stored ones (float8 rows and their per-row scales concatenate exactly);
 a calibrated ``scale_input`` is carried over (the three layers share one input, so one range).

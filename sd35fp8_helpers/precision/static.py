@@ -6,7 +6,9 @@ largest value of each row (an ``amax`` reduction), then casts it. On the H200 th
 (:mod:`.calibration`) and stored with the checkpoint, turns the cast into ``(x * (1 / scale_input))`` →
 float8: a pointwise op that ``torch.compile`` fuses into the kernel that produced ``x`` (the modulated
 LayerNorm, the GELU, the attention output reshape), with no reduction pass. A per-tensor activation scale
-also lets the GEMM be cuBLAS's *tensor-wise* scaled kernel (``torch._scaled_mm`` with two scalar scales).
+also allows cuBLAS's *tensor-wise* scaled kernel (``torch._scaled_mm`` with two scalar scales) — measured on
+the H200 it was *slower* than the row-wise kernel (per-row weight scales, the static activation scale
+repeated per row), so row-wise weights are the default and tensor-wise is the option.
 
 The cost is range: an activation larger than anything seen during calibration saturates at ±448 × scale.
 Which layers, and how far off that is on a real model, is for the quality check (notebook 02), not assumed.
@@ -51,14 +53,15 @@ def _float8_static_linear_class():
     class Float8StaticLinear(nn.Module):
         """A Linear computed by ``torch._scaled_mm`` on float8 weights and a statically scaled float8 input.
 
-        ``scale_weight``: one float32 scalar (``weight_scales="tensor"``: cuBLAS's tensor-wise kernel) or one
-        per output row (``"row"``: the row-wise kernel torchao uses, with the calibrated scalar repeated for
-        every input row). ``scale_input``: the calibrated activation amax / 448. ``fast_accum``: cuBLAS's fast
+        ``scale_weight``: one per output row (``weight_scales="row"``, the default: the row-wise kernel torchao
+        uses, with the calibrated scalar repeated for every input row — on the H200 it measured faster than
+        the tensor-wise one, and it is more exact) or one float32 scalar (``"tensor"``: cuBLAS's tensor-wise
+        kernel). ``scale_input``: the calibrated activation amax / 448. ``fast_accum``: cuBLAS's fast
         accumulation (fewer promotions of the FP8 partial sums to fp32: faster, a little less exact).
         """
 
         def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None,
-                     weight_scales: WeightScales = "tensor", fast_accum: bool = False) -> None:
+                     weight_scales: WeightScales = "row", fast_accum: bool = True) -> None:
             super().__init__()
             self.in_features, self.out_features = in_features, out_features
             self.weight_scales, self.fast_accum = weight_scales, fast_accum
@@ -71,8 +74,8 @@ def _float8_static_linear_class():
                                      requires_grad=False) if bias else None
 
         @classmethod
-        def from_module(cls, module: "nn.Module", *, weight_scales: WeightScales = "tensor",
-                        fast_accum: bool = False, dtype=None) -> "nn.Module":
+        def from_module(cls, module: "nn.Module", *, weight_scales: WeightScales = "row",
+                        fast_accum: bool = True, dtype=None) -> "nn.Module":
             """From an ``nn.Linear`` or a ``Float8StorageLinear`` that carries a ``scale_input`` buffer."""
             scale_input = getattr(module, "scale_input", None)
             if scale_input is None:
@@ -151,8 +154,8 @@ def missing_scales(model: "nn.Module", names: list[str]) -> list[str]:
     return [n for n in names if getattr(model.get_submodule(n), "scale_input", None) is None]
 
 
-def to_static_compute(model: "nn.Module", keep: FilterFn, *, weight_scales: WeightScales = "tensor",
-                      fast_accum: bool = False) -> list[str]:
+def to_static_compute(model: "nn.Module", keep: FilterFn, *, weight_scales: WeightScales = "row",
+                      fast_accum: bool = True) -> list[str]:
     """Replace the selected layers by :class:`Float8StaticLinear`, one at a time (peak extra memory: one layer).
 
     Every selected layer must carry a calibrated ``scale_input``; if one does not, nothing is converted and
