@@ -78,7 +78,8 @@ class Cluster:
         api = {"main": (["--rate", "6000", "--burst", "1000", "--result-ttl", "300", "--max-in-flight", "8",
                          "--jwt-secret-file", str(secret_file)], [*CLIENTS, "main"]),
                "b": (["--rate", "4", "--max-in-flight", "2", "--result-ttl", "2"], ["rate", "cap", "ttl"]),
-               "c": (["--rate", "4", "--max-in-flight", "2", "--result-ttl", "2"], ["rate", "cap", "ttl"])}
+               "c": (["--rate", "4", "--max-in-flight", "2", "--result-ttl", "2", "--timeout", "1"],
+                     ["rate", "cap", "ttl"])}
         with ThreadPoolExecutor(len(api)) as pool:  # each waits for /readyz: Redis up and a worker alive
             futures = {name: pool.submit(start_server, "tiny", args=["--broker", self.redis.url, *args],
                                          api_keys={k: KEYS[k] for k in keys}) for name, (args, keys) in api.items()}
@@ -310,6 +311,15 @@ def test_results_expire_after_the_ttl(cluster):
     r = httpx.get(f"{cluster.url('b')}{JOBS}/{job_id}", headers=_auth("ttl"))
     assert r.status_code == 404 and "finished jobs are kept 2 s" in r.json()["error"]["message"]
     assert cluster.store.redis.exists(f"sd35fp8:job:{job_id}", f"sd35fp8:result:{job_id}") == 0
+
+
+def test_a_synchronous_request_past_its_timeout_is_a_504_and_its_job_is_cancelled(cluster):
+    r = httpx.post(f"{cluster.url('c')}{IMAGES}", headers=_auth("ttl"), timeout=30,  # c: --timeout 1
+                   json={"prompt": _prompt("too slow"), "size": "256x256", "steps": 100})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+    job_id = re.search(r"\(job (\w+)\)", r.json()["error"]["message"])[1]
+    record = _wait_for(lambda: (rec := cluster.store.get(job_id)).final and rec, 30)
+    assert (record.state, record.cancel_reason) == ("cancelled", "deadline") and record.step < 100
 
 
 def test_jwt_bearer_tokens(cluster):

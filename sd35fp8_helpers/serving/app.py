@@ -561,7 +561,8 @@ async def _wait_queued(queue, job_id: str, request, timeout_s: float):
             if time.monotonic() > deadline:
                 await run_in_threadpool(queue.cancel, job_id, "deadline")
                 raise ApiError(504, f"the request took longer than the server's --timeout ({timeout_s:g} s) and was "
-                                    "cancelled", type="server_error", code="timeout")
+                                    f"cancelled (job {job_id}); for long work use POST {JOBS_ROUTE}",
+                               type="server_error", code="timeout")
             await asyncio.sleep(delay)
             delay = min(POLL_S, delay * 1.5)
     except QueueUnavailable as exc:
