@@ -326,7 +326,7 @@ def test_pickle_files_are_refused_whatever_their_name(scenes_transformer, tmp_pa
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
     with pytest.raises(LoraError, match="is not a readable safetensors file"):
         load_lora_(t, tmp_path / "junk.safetensors")
-    with pytest.raises(LoraError, match="neither a file nor the name of a shipped LoRA"):
+    with pytest.raises(LoraError, match="neither a file nor the name of a LoRA"):
         load_lora_(t, "no-such-lora")
 
 
@@ -342,3 +342,83 @@ def test_bad_arguments_are_refused(scenes_transformer, tmp_path):
         load_lora_(t, lora)
     with pytest.raises(LoraError, match="is not loaded on this pipeline"):
         unload_lora_(t, "b")
+
+
+# --- a LoRA by name: generate, the images API, the playground -----------------------------------------------
+
+@pytest.fixture
+def scenes_pipe():
+    from sd35fp8_helpers import load_pipeline
+
+    return load_pipeline("scenes", device="cpu")
+
+
+@pytest.fixture
+def named_lora(scenes_pipe):
+    """A real LoRA for the scene model, dropped into ``$SD35FP8_HOME/loras`` (the tests' own temporary home)."""
+    from sd35fp8_helpers.lora.shipped import user_lora_dir
+
+    folder = user_lora_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_peft_lora(scenes_pipe.transformer, folder / "wavy.safetensors", std=0.3)
+    yield "wavy"
+    path.unlink()
+
+
+def test_generate_applies_a_lora_by_name_and_takes_it_off_again(scenes_pipe, named_lora):
+    from dataclasses import replace
+
+    import numpy as np
+
+    from sd35fp8_helpers.pipeline.defaults import default_settings
+    from sd35fp8_helpers.pipeline.generation import generate
+
+    plain = default_settings(scenes_pipe, "a large red circle in the centre, on a white background", steps=4)
+    before = snapshot(scenes_pipe.transformer)
+    without = np.asarray(generate(scenes_pipe, plain, progress=False).image)
+    result = generate(scenes_pipe, replace(plain, lora=named_lora), progress=False)
+    assert not np.array_equal(np.asarray(result.image), without)
+    meta = result.metadata()
+    assert meta["settings"]["lora"] == "wavy" and meta["loras"][0]["mode"] == "side"
+    again = generate(scenes_pipe, plain, progress=False)  # no LoRA asked: the side path is gone
+    assert np.array_equal(np.asarray(again.image), without) and "loras" not in again.metadata()
+    assert_same(before, snapshot(scenes_pipe.transformer))
+
+
+def test_unknown_lora_name_is_refused_before_any_model_work(named_lora):
+    from sd35fp8_helpers.errors import InvalidGenerationInput
+    from sd35fp8_helpers.pipeline.generation import GenerationSettings, check_settings
+
+    with pytest.raises(InvalidGenerationInput, match="lora='sparkles' is not the name of a LoRA") as e:
+        check_settings(GenerationSettings("a cat", lora="sparkles"))
+    assert "wavy" in e.value.fix and "loras" in e.value.fix
+    with pytest.raises(InvalidGenerationInput, match="lora_scale=inf must be a finite number"):
+        check_settings(GenerationSettings("a cat", lora="wavy", lora_scale=float("inf")))
+
+
+def test_images_api_takes_a_lora_by_name_never_a_path(named_lora, tmp_path):
+    from sd35fp8_helpers.serving.app import ApiError, parse_request
+    from sd35fp8_helpers.serving.jobstore import ServedModel
+
+    served = ServedModel("scenes", 128, 16, 16, 512, guidance_scale=4.0)
+    (s,) = parse_request(json.dumps({"prompt": "a red circle", "lora": "wavy", "lora_scale": 0.8}).encode(), served)
+    assert (s.lora, s.lora_scale) == ("wavy", 0.8)
+    for bad in ("sparkles", str(tmp_path / "x.safetensors")):
+        with pytest.raises(ApiError) as e:
+            parse_request(json.dumps({"prompt": "a red circle", "lora": bad}).encode(), served)
+        assert e.value.status == 400 and e.value.body()["error"]["param"] == "lora"
+
+
+def test_playground_offers_named_loras_and_restores_them_from_png(scenes_pipe, named_lora):
+    from dataclasses import asdict
+
+    from sd35fp8_helpers.interactive.playground import Playground
+
+    pg = Playground(scenes_pipe)
+    assert ("wavy", "wavy") in pg.lora.options
+    pg.lora.value, pg.lora_scale.value = "wavy", 0.6
+    s = pg.current_settings()
+    assert (s.lora, s.lora_scale) == ("wavy", 0.6)
+    pg.lora.value = ""
+    pg.apply_metadata({"settings": asdict(s), "precision": "bf16"})
+    assert (pg.lora.value, pg.lora_scale.value) == ("wavy", 0.6)

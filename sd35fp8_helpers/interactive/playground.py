@@ -229,10 +229,10 @@ class Playground:
                                     value="bf16", description="precision")
         self.memory = w.Dropdown(options=[(n, n) for n in offered_strategies(self.device)], value=DEFAULT_STRATEGY,
                                  description="memory")  # the ladder's own names (sd35fp8 plan ranks them)
-        from ..lora.shipped import shipped_loras
+        from ..lora.shipped import named_loras
 
-        # shipped LoRAs by name; applied on a side path per image (generate → use_lora_), FP8 weights untouched
-        self.lora = w.Dropdown(options=[("none", ""), *((n, n) for n in shipped_loras())], value="",
+        # LoRAs by name (shipped, $SD35FP8_HOME/loras); on a side path per image (generate → use_lora_)
+        self.lora = w.Dropdown(options=[("none", ""), *((n, n) for n in named_loras())], value="",
                                description="LoRA")
         self.lora_scale = w.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1, description="LoRA scale")
         self.compare = w.Checkbox(value=False, description="compare BF16 with FP8 (same seed)", indent=False)
@@ -302,7 +302,7 @@ class Playground:
         if s.lora in dict(self.lora.options).values():
             self.lora.value = s.lora
         else:
-            notes.append(f"LoRA {s.lora!r} is not shipped with this version; kept {self.lora.value or 'none'!r}")
+            notes.append(f"LoRA {s.lora!r} is not available here; kept {self.lora.value or 'none'!r}")
         for control, key, names in [(self.precision, meta.get("precision", "bf16"), PRECISIONS),
                                     (self.memory, LEGACY_NAMES.get(meta.get("memory"), meta.get("memory", DEFAULT_STRATEGY)),
                                      {n: n for n in strategy_names()})]:

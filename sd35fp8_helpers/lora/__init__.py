@@ -5,14 +5,21 @@ layouts (original MMDiT names are mapped through diffusers' own SD3 converter), 
 fit this transformer naming the first bad key, and returns a :class:`~.apply.LoraReport`.
 ``unload_lora_(pipe)`` restores every weight bit for bit. Which mode to use, measured: ``docs/benchmarks.md``.
 
-Example:
+Example (a real rank-4 LoRA on one layer of the embedded scene model, in the diffusers/PEFT layout):
+    >>> import tempfile, torch
+    >>> from safetensors.torch import save_file
     >>> from sd35fp8_helpers import load_pipeline
     >>> from sd35fp8_helpers.lora import load_lora_, unload_lora_
     >>> pipe = load_pipeline("scenes", device="cpu")
-    >>> load_lora_(pipe, "diamond", mode="side").mode  # doctest: +SKIP
-    'side'
-    >>> unload_lora_(pipe, "diamond")  # doctest: +SKIP
-    ['diamond']
+    >>> q = pipe.transformer.transformer_blocks[0].attn.to_q
+    >>> path = tempfile.mkdtemp() + "/style.safetensors"
+    >>> save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((4, q.in_features), 0.01),
+    ...            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.full((q.out_features, 4), 0.01)},
+    ...           path)
+    >>> load_lora_(pipe, path, mode="side").layers
+    1
+    >>> unload_lora_(pipe)
+    ['style']
 """
 
 from .._lazy import lazy_exports
@@ -30,6 +37,8 @@ _EXPORTS = {
     "read_safetensors": ".formats",
     "LoraLayer": ".formats",
     "shipped_loras": ".shipped",
+    "named_loras": ".shipped",
+    "user_lora_dir": ".shipped",
     "shipped_lora_path": ".shipped",
     "shipped_lora_info": ".shipped",
     "SHIPPED_DIR": ".shipped",

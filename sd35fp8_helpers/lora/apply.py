@@ -271,15 +271,12 @@ def load_lora_(pipe, lora: str | Path, *, scale: float = 1.0, mode: Mode = "merg
     keeps the weights untouched and adds a small BF16 path to each adapted layer (scale changes are free,
     each step pays a little). Several LoRAs may be loaded, in either mode; names must differ.
 
-    Example:
-        >>> from sd35fp8_helpers import load_pipeline
-        >>> from sd35fp8_helpers.precision import apply_precision_
-        >>> pipe = load_pipeline("scenes", device="cpu")
-        >>> _ = apply_precision_(pipe, "fp8-storage")
-        >>> load_lora_(pipe, "diamond", mode="merge").layers > 0  # doctest: +SKIP
-        True
-        >>> unload_lora_(pipe)  # doctest: +SKIP
-        ['diamond']
+    Example (a runnable one is in :mod:`sd35fp8_helpers.lora`)::
+
+        apply_precision_(pipe, "fp8-storage")
+        print(load_lora_(pipe, "style.safetensors", scale=0.8))   # merged, re-quantised; report with bytes
+        load_lora_(pipe, "detail.safetensors", mode="side")       # a second one, on a side path
+        unload_lora_(pipe)                                        # both gone, weights bit for bit as before
     """
     import torch
 

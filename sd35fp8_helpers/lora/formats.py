@@ -179,10 +179,9 @@ def parse_lora(path: str | Path, transformer, tensors: dict[str, Any] | None = N
     """Every layer of the LoRA at ``path`` placed on ``transformer``'s Linears, or a :class:`LoraError` that
     names the first key that cannot be placed (no match, text encoder, unsupported kind, wrong shape).
 
-    Example:
-        >>> from sd35fp8_helpers.lora import shipped_lora_path
-        >>> from sd35fp8_helpers.presets import instantiate_transformer
-        >>> layers = parse_lora(shipped_lora_path("example"), instantiate_transformer("tiny"))  # doctest: +SKIP
+    Example::
+
+        layers = parse_lora("style.safetensors", pipe.transformer)   # [LoraLayer(target=…, down, up, …), …]
     """
     path = Path(path)
     if tensors is None:

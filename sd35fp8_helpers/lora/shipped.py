@@ -1,8 +1,10 @@
-"""LoRAs that ship inside the package, by name: ``load_lora_(pipe, "diamond")``, the playground's LoRA menu and
-the images API's ``"lora"`` field all read this one folder.
+"""LoRAs by name: those shipped inside the package and your own in ``$SD35FP8_HOME/loras`` (default
+``~/.cache/sd35fp8/loras``). ``load_lora_(pipe, NAME)``, ``GenerationSettings(lora=NAME)``, the playground's LoRA
+menu and the images API's ``"lora"`` field all read :func:`named_loras` — a name, never a path, so an API client
+cannot make the server open an arbitrary file.
 
-Each LoRA is ``shipped/NAME.safetensors`` (kilobytes: rank-4 on the scene model) with ``shipped/NAME.json``
-beside it: what it teaches, the model it was trained on, and how it was made and measured.
+Each LoRA is ``NAME.safetensors``, optionally with ``NAME.json`` beside it (what it teaches, the model it was
+trained on, how it was made and measured).
 """
 
 from __future__ import annotations
@@ -16,14 +18,30 @@ from ..errors import LoraError
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
-def shipped_loras() -> list[str]:
-    """Names of the shipped LoRAs, sorted (what the playground and the API offer).
+def user_lora_dir() -> Path:
+    """``$SD35FP8_HOME/loras``: drop a ``.safetensors`` LoRA here to pick it by name."""
+    from ..constants import settings
 
-    Example:
-        >>> "diamond" in shipped_loras()  # doctest: +SKIP
-        True
-    """
+    return settings().home / "loras"
+
+
+def lora_folders() -> list[Path]:
+    """Where names are looked up, in order (the package's own first: a user file cannot shadow it)."""
+    return [SHIPPED_DIR, user_lora_dir()]
+
+
+def shipped_loras() -> list[str]:
+    """Names of the LoRAs inside the package, sorted."""
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors"))
+
+
+def named_loras() -> dict[str, Path]:
+    """Every LoRA available by name → its file (shipped ones, then ``$SD35FP8_HOME/loras``)."""
+    found: dict[str, Path] = {}
+    for folder in lora_folders():
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+            found.setdefault(path.stem, path)
+    return found
 
 
 def shipped_lora_path(name: str) -> Path:
@@ -31,18 +49,20 @@ def shipped_lora_path(name: str) -> Path:
 
 
 def resolve_lora(path_or_name: str | Path) -> Path:
-    """A LoRA file path, or the name of a LoRA shipped in the package (:func:`~.shipped.shipped_loras`)."""
+    """A LoRA file path, or the name of a LoRA in :func:`named_loras` (shipped or in ``$SD35FP8_HOME/loras``)."""
     p = Path(path_or_name).expanduser()
     if p.exists() or p.suffix or "/" in str(path_or_name):
         return p
-    if str(path_or_name) in shipped_loras():
-        return SHIPPED_DIR / f"{path_or_name}.safetensors"
-    names = ", ".join(shipped_loras()) or "none"
-    raise LoraError(p, "is neither a file nor the name of a shipped LoRA",
-                    fix=f"pass a .safetensors path, or one of the shipped names: {names}")
+    named = named_loras()
+    if str(path_or_name) in named:
+        return named[str(path_or_name)]
+    names = ", ".join(named) or "none"
+    raise LoraError(p, "is neither a file nor the name of a LoRA",
+                    fix=f"pass a .safetensors path, or a name: {names} (add your own to {user_lora_dir()})")
 
 
 def shipped_lora_info(name: str) -> dict[str, Any]:
-    """The sidecar JSON of a shipped LoRA (empty when it has none)."""
-    path = SHIPPED_DIR / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The sidecar JSON of a named LoRA (empty when it has none)."""
+    path = named_loras().get(name)
+    side = path.with_suffix(".json") if path else None
+    return json.loads(side.read_text()) if side is not None and side.is_file() else {}

@@ -137,12 +137,13 @@ def check_settings(s: GenerationSettings, *, multiple: int = 16, max_side: int |
     if not isinstance(s.negative_prompt, str):
         raise InvalidGenerationInput("negative_prompt", s.negative_prompt, "must be text")
     if s.lora:
-        from ..lora.shipped import shipped_loras
+        from ..lora.shipped import named_loras, user_lora_dir
 
-        names = shipped_loras()
+        names = list(named_loras())
         if s.lora not in names:
-            raise InvalidGenerationInput("lora", s.lora, "is not a shipped LoRA",
-                                         fix=f"choose one of: {', '.join(names) or 'none shipped'} (or leave it empty)")
+            raise InvalidGenerationInput("lora", s.lora, "is not the name of a LoRA",
+                                         fix=f"choose one of: {', '.join(names) or 'none yet'}, or leave it empty; "
+                                             f"add your own .safetensors to {user_lora_dir()}")
     x = s.lora_scale
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or abs(x) > MAX_LORA_SCALE:
         raise InvalidGenerationInput("lora_scale", x, f"must be a finite number from -{MAX_LORA_SCALE:g} to "

@@ -17,5 +17,6 @@ class GenerationSettings:
     height: int = 128
     width: int = 128
     lora: str = ""
-    """A shipped LoRA by name (:func:`~sd35fp8_helpers.lora.shipped_loras`), applied on a side path; "" = none."""
+    """A LoRA by name (:func:`~sd35fp8_helpers.lora.shipped.named_loras`: shipped, or in ``$SD35FP8_HOME/loras``),
+    applied on a side path; "" = none."""
     lora_scale: float = 1.0

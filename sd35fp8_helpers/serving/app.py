@@ -122,7 +122,7 @@ def _request_model():
         steps: int | None = None
         guidance_scale: float | None = None  # None: the served model's own default
         negative_prompt: str = ""
-        lora: str | None = None  # a shipped LoRA by name (GET … sd35fp8_helpers.lora.shipped_loras())
+        lora: str | None = None  # a LoRA by name (sd35fp8_helpers.lora.shipped.named_loras), never a path
         lora_scale: float = 1.0
         user: str | None = None  # OpenAI's end-user id: accepted, not used
 
