@@ -457,8 +457,8 @@ def test_why_not_a_colour_the_scene_vae_cannot_reproduce_one(scenes_pipe):
     from PIL import Image, ImageDraw
 
     from sd35fp8_helpers.scenes.colour import nearest_name
-    from sd35fp8_helpers.scenes.vocabulary import COLOURS
     from sd35fp8_helpers.scenes.judge import read_scene
+    from sd35fp8_helpers.scenes.vocabulary import COLOURS
 
     image = Image.new("RGB", (128, 128), (245, 245, 245))
     ImageDraw.Draw(image).ellipse((34, 34, 94, 94), fill=(130, 80, 40))
