@@ -199,3 +199,11 @@ def upscale_then_refine(pipe, settings: GenerationSettings, strength: float = 0.
     result = upscale_refine(pipe, small, settings, strength=strength)
     steps = round(settings.steps * strength)
     return small, TiledRun(result, window_seams(result), f"upscaled from {side} px, {steps} refine steps")
+
+
+def objects_of_colour(image, colour: str, max_objects: int = 12) -> list[Any]:
+    """Every object the scene judge finds in ``image`` in ``colour`` (largest first): on a wide canvas tiled
+    with a one-object prompt, how many times the object was drawn."""
+    from ..scenes.judge import read_scene
+
+    return [o for o in read_scene(image, max_objects=max_objects).objects if o.colour == colour]
