@@ -6,12 +6,15 @@ progress bar and the image update on screen. It starts JupyterLab from this venv
 a random token, a temporary copy of the notebook so the repository copy stays output-free), opens notebook
 05 in Debian's Chromium (``/usr/bin/chromium`` — Playwright never downloads a browser here), runs all cells
 from the Run menu, types a prompt and a seed, picks a size, presses Generate and waits for the result. It
-saves a screenshot to ``$SD35FP8_OUTPUT_DIR/screenshots/playground.png`` and ``outputs/screenshots/`` (ignored
-by git), and stops the server, the kernel and the browser whatever happens.
+reads the image back out of the page and asks the scene judge whether it has the colour the typed prompt
+names. It saves a screenshot to ``$SD35FP8_OUTPUT_DIR/screenshots/playground.png`` and ``outputs/screenshots/``
+(ignored by git), and stops the server, the kernel and the browser whatever happens.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import secrets
@@ -26,7 +29,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sd35fp8_helpers.constants import EMBEDDED_MODEL_DIR
+from sd35fp8_helpers.pipeline.defaults import read_model_info
 from sd35fp8_helpers.serving.client import free_port
+
+STEPS = read_model_info(EMBEDDED_MODEL_DIR)["inference"]["steps"]
+"""The notebook's model is the embedded scene model; the playground starts at its own step count."""
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,8 +44,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 NOTEBOOK = "05_prompt_playground.ipynb"
 LAB_SETTINGS = {"@jupyterlab/notebook-extension/tracker": {"autoStartDefaultKernel": True},  # no kernel dialog
                 "@jupyterlab/apputils-extension/notification": {"fetchNews": "false"}}  # no news pop-up
-TOTAL_SECONDS = 150  # the whole test normally needs well under a minute; this bounds it on a slow machine
-PROMPT, SEED = "a paper lantern floating on a dark lake", 1234
+TOTAL_SECONDS = 240  # the whole test normally needs about a minute; this bounds it on a slow machine
+PROMPT, SEED = "a large yellow square on the right, on a black background", 1  # the scene model's vocabulary
 
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} is missing: install Debian's chromium "
@@ -205,14 +213,33 @@ def _drive(page, deadline: Deadline) -> None:
 
     image = page.locator(".sd35fp8-image")
     assert image.evaluate("img => img.tagName === 'IMG' && img.complete && img.naturalWidth") == 128
-    assert page.locator(".sd35fp8-progress-text").inner_text().endswith("step 4/4")
+    assert page.locator(".sd35fp8-progress-text").inner_text().endswith(f"step {STEPS}/{STEPS}")
     assert bar.evaluate("b => b.style.width") == "100%"
     watch = page.evaluate("window.sd35fp8Watch")
     assert watch["disabled"], "Generate is disabled while the image is generated"
     assert not button.is_disabled(), "and enabled again afterwards"
     assert {"25%", "50%", "75%"} <= set(watch["widths"]), f"the bar moved step by step: {watch['widths']}"
     info = page.locator(".sd35fp8-info").inner_text()
-    assert "4 steps" in info and "128×128" in info and "peak" in info, info
+    assert f"{STEPS} steps" in info and "128×128" in info and "peak" in info, info
     assert page.locator(".sd35fp8-message").inner_text().strip() == ""
+    _judge_colour(image)
     # scroll so the screenshot shows the controls, the image and its metadata line
     page.locator(".sd35fp8-prompt").scroll_into_view_if_needed()
+
+
+# The picture as its natural-size PNG: drawn onto a canvas in the page (the widget's blob URL is same-origin).
+_PNG = """img => { const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+  c.getContext('2d').drawImage(img, 0, 0); return c.toDataURL('image/png'); }"""
+
+
+def _judge_colour(image) -> None:
+    """The image on screen has the colour the typed prompt names (the scene judge, from pixels)."""
+    from PIL import Image
+
+    from sd35fp8_helpers.scenes import judge
+    from sd35fp8_helpers.scenes.parse import read_prompt
+
+    data = image.evaluate(_PNG)
+    picture = Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1])))
+    verdict = judge(picture, read_prompt(PROMPT))
+    assert verdict.objects[0].ok("colour"), f"typed {PROMPT!r}; the judge saw: {verdict.summary()}"
