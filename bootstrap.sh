@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up this repository on a fresh machine, then run one job. Safe to run again: finished steps are skipped.
 #
-#   ./bootstrap.sh notebooks   # every notebook, in order, on the embedded tiny model -> outputs/
+#   ./bootstrap.sh notebooks   # every notebook, in order, on the embedded scene model -> outputs/
 #   ./bootstrap.sh test        # the whole test suite
 #   ./bootstrap.sh setup       # only the set-up (then: .venv/bin/jupyter lab)
 #
@@ -67,6 +67,6 @@ fi
 # 4. The job.
 case "$job" in
   setup)     say "ready: .venv/bin/jupyter lab   (or: source $VENV/bin/activate)" ;;
-  notebooks) say "running every notebook on the tiny model"; exec "$VENV/bin/sd35fp8" notebooks "$@" ;;
+  notebooks) say "running every notebook on the embedded scene model"; exec "$VENV/bin/sd35fp8" notebooks "$@" ;;
   test)      say "running the test suite"; exec "$VENV/bin/python" -m pytest "$@" ;;
 esac

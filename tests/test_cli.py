@@ -44,7 +44,8 @@ def test_generate_then_reproduce_from_png(cli, tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     meta = read_png_metadata(first)
     assert meta["settings"] == {"prompt": "a red fox", "negative_prompt": "", "seed": 3, "steps": 4,
-                                "guidance_scale": 4.5, "height": 96, "width": 128}
+                                "guidance_scale": 4.5, "height": 96, "width": 128,
+                                "lora": "", "lora_scale": 1.0}
     again = tmp_path / "b.png"
     result = cli("generate", "--model", str(tiny_model_dir), "--from-png", str(first), "--out", str(again))
     assert result.returncode == 0, result.stderr

@@ -77,7 +77,8 @@ def test_png_metadata_round_trips_and_cli_reproduces_identical_pixels(make_playg
 
     meta = read_png_metadata(entry.path)
     assert meta["settings"] == {"prompt": "a red fox", "negative_prompt": "blurry", "seed": 11, "steps": 4,
-                                "guidance_scale": 4.5, "height": 112, "width": 144}
+                                "guidance_scale": 4.5, "height": 112, "width": 144,
+                                "lora": "", "lora_scale": 1.0}
     assert (meta["precision"], meta["memory"], meta["compute_dtype"]) == ("bf16", "resident", "float32")
     assert set(meta["versions"]) == {"torch", "diffusers", "transformers"}
     assert meta["peak_memory"]["kind"] == "process peak RSS"
