@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from sd35fp8_helpers.memory.strategies import (
     get_strategy,
     measure,
     misplaced_modules,
+    strategy_names,
     weight_bytes,
 )
 
@@ -45,6 +47,31 @@ def test_strategy_applies_and_pipeline_still_generates(pipe, strategy):
     assert pipe.vae.use_tiling == strategy.vae_tiling
     if strategy.offload != "none":
         assert any("offload" in c for c in changes)
+
+
+@pytest.fixture(scope="module")
+def resident_pixels(tiny_model_dir):
+    """The image of a resident pipeline, unquantised and FP8 (the references a lossless strategy must match)."""
+    out = {}
+    for fp8 in (False, True):
+        p = load_pipeline(str(tiny_model_dir), device="cpu")
+        get_strategy("fp8" if fp8 else "resident").apply(p, "cpu")
+        out[fp8] = np.asarray(generate_by_stage(p, SETTINGS).image)
+    return out
+
+
+@pytest.mark.parametrize("name", strategy_names())
+def test_lossless_means_the_same_pixels_as_resident_at_that_precision(tiny_model_dir, resident_pixels, name):
+    strategy = get_strategy(name)
+    p = load_pipeline(str(tiny_model_dir), device="cpu")
+    strategy.apply(p, "cpu")
+    pixels = np.asarray(generate_by_stage(p, SETTINGS).image)
+    same = np.array_equal(pixels, resident_pixels[strategy.fp8])
+    assert same == strategy.lossless, (f"{name}: lossless={strategy.lossless} but the image is "
+                                       f"{'identical' if same else 'different'} (max |Δ| "
+                                       f"{np.abs(pixels.astype(int) - resident_pixels[strategy.fp8]).max()})")
+    if not strategy.lossless:
+        assert strategy.quality != "same images"
 
 
 def test_merge_only_gets_leaner_and_exact_refuses_to_undo_fp8(pipe):

@@ -58,6 +58,10 @@ GROUP_BLOCK_MODULES: dict[str, list[str] | None] = {
 ModuleLists; without these names whole text encoders would be one group (no saving at all)."""
 
 
+TILED_QUALITY = "tiles decoded separately and blended: pixels change, faint seams possible"
+"""What a tiled VAE decode costs in quality (the reason a ``*_tiled`` rung is not lossless)."""
+
+
 @dataclass(frozen=True)
 class Strategy:
     """One way to fit the pipeline on a card: which levers, and what they cost.
@@ -78,8 +82,11 @@ class Strategy:
 
     @property
     def lossless(self) -> bool:
-        """False when the images change beyond FP8 rounding (dropping T5)."""
-        return not self.drop_t5
+        """True when the images are exactly those of the same precision kept resident: offloading only moves
+        weights, so it is lossless; dropping T5 changes the text conditioning, and a tiled VAE decodes each tile
+        on its own and blends the overlaps, so both change pixels (``tests/test_memory.py`` checks each rung;
+        the scene-model quality table in docs/benchmarks.md measures by how much)."""
+        return not (self.drop_t5 or self.vae_tiling)
 
     def merged(self, current: "Strategy") -> "Strategy":
         """This strategy on top of ``current``: levers only get leaner (FP8 and a dropped T5 cannot be undone)."""
@@ -96,7 +103,8 @@ class Strategy:
         if self.vae_tiling:
             return self
         return replace(self, name=f"{self.name}_tiled", vae_tiling=True, speed=round(self.speed * 0.97, 3),
-                       description=f"{self.description}; VAE decodes {VAE_TILE_PX} px tiles")
+                       description=f"{self.description}; VAE decodes {VAE_TILE_PX} px tiles",
+                       quality=TILED_QUALITY if self.quality == "same images" else f"{self.quality}; {TILED_QUALITY}")
 
     def levers(self) -> tuple:
         return (self.fp8, self.drop_t5, self.offload, self.vae_tiling)
@@ -168,10 +176,10 @@ STRATEGIES: tuple[Strategy, ...] = (
              quality="FP8 rounding (~3% per layer)"),
     Strategy("fp8_group_offload_tiled", f"FP8, block-level group offload, VAE in {VAE_TILE_PX} px tiles",
              fp8=True, offload="group", vae_tiling=True, speed=0.24, host_ram="all weights (FP8) in host RAM",
-             quality="FP8 rounding; faint tile seams possible"),
+             quality=f"FP8 rounding; {TILED_QUALITY}"),
     Strategy("fp8_sequential_offload_tiled", "FP8, one layer at a time (sequential CPU offload), VAE tiles",
              fp8=True, offload="sequential", vae_tiling=True, speed=0.1, host_ram="all weights (FP8) in host RAM",
-             quality="FP8 rounding; faint tile seams possible"),
+             quality=f"FP8 rounding; {TILED_QUALITY}"),
 )
 """The ladder, fastest → leanest (``speed`` values are priors from docs/benchmarks.md and REFERENCE §10)."""
 
