@@ -385,6 +385,31 @@ def test_generate_applies_a_lora_by_name_and_takes_it_off_again(scenes_pipe, nam
     assert_same(before, snapshot(scenes_pipe.transformer))
 
 
+def test_cli_generate_takes_a_lora_by_name_and_from_png_reproduces_it(cli, named_lora, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sd35fp8_helpers.pipeline.generation import read_png_metadata
+
+    base = ("generate", "--device", "cpu", "--steps", "4", "--prompt",
+            "a large red circle in the centre, on a white background")
+    plain, lora, again = (tmp_path / f"{n}.png" for n in ("plain", "lora", "again"))
+    assert cli(*base, "--out", str(plain)).returncode == 0
+    r = cli(*base, "--lora", named_lora, "--lora-scale", "0.8", "--out", str(lora))
+    assert r.returncode == 0, r.stderr
+    assert "LoRA wavy × 0.8" in r.stdout
+    meta = read_png_metadata(lora)
+    assert (meta["settings"]["lora"], meta["settings"]["lora_scale"]) == ("wavy", 0.8) and meta["loras"]
+    pixels = np.asarray(Image.open(lora))
+    assert not np.array_equal(pixels, np.asarray(Image.open(plain)))
+    r = cli("generate", "--device", "cpu", "--from-png", str(lora), "--out", str(again))
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(pixels, np.asarray(Image.open(again)))  # the LoRA came back from the PNG
+    r = cli(*base, "--lora", "sparkles", "--out", str(tmp_path / "x.png"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "wavy" in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_unknown_lora_name_is_refused_before_any_model_work(named_lora):
     from sd35fp8_helpers.errors import InvalidGenerationInput
     from sd35fp8_helpers.pipeline.generation import GenerationSettings, check_settings

@@ -262,6 +262,7 @@ def test_options_offered_on_cpu():
     assert offered_strategies("cpu") == ["resident", "resident_tiled", "fp8", "fp8_tiled", "fp8_no_t5",
                                          "fp8_no_t5_tiled"]
     assert offered_strategies("cuda") == strategy_names() and "fp8_model_offload" in strategy_names()
+    assert len(set(strategy_names())) == len(strategy_names()), "each strategy offered once"
 
 
 def test_random_seed_button(make_playground):

@@ -60,8 +60,12 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default=None, choices=strategy_names(), metavar="STRATEGY",
                    help="a rung of the memory ladder (sd35fp8 plan ranks them; NAME_tiled adds VAE tiling); "
                         "default: resident, or the PNG's with --from-png")
+    p.add_argument("--lora", default=None, metavar="NAME",
+                   help="a LoRA by name: shipped with the package, or NAME.safetensors in $SD35FP8_HOME/loras "
+                        "(kept on a side path: the model's weights are not changed)")
+    p.add_argument("--lora-scale", type=float, default=None, help="strength of --lora (default 1.0)")
     p.add_argument("--from-png", default=None, help="reproduce an image saved by sd35fp8 from its PNG metadata "
-                                                    "(settings, model, precision and memory strategy)")
+                                                    "(settings incl. LoRA, model, precision and memory strategy)")
     p.add_argument("--out", default=None, help="PNG to write (default: outputs/images/<seed>.png)")
 
 
@@ -84,6 +88,10 @@ def generate(args: argparse.Namespace) -> int:
         if not args.prompt:
             raise Sd35fp8Error("--prompt is required (or --from-png FILE)", fix='sd35fp8 generate --prompt "a cat"')
         gen = None
+    if args.lora:  # a wrong name fails here, in one line, before the model loads
+        from ..pipeline.generation import check_settings
+
+        check_settings(GenerationSettings("check", lora=args.lora, lora_scale=args.lora_scale or 1.0))
     precision = args.precision or (meta.get("precision") if meta.get("precision", "").startswith("fp8-") else "bf16")
     device = args.device or default_device()
     strategy = parse_strategy(args.memory or meta.get("memory") or DEFAULT_STRATEGY, device)  # before any loading
@@ -98,12 +106,18 @@ def generate(args: argparse.Namespace) -> int:
         gen = GenerationSettings(args.prompt, args.negative_prompt, args.seed, args.steps or d.steps,
                                  d.guidance_scale if args.guidance is None else args.guidance,
                                  args.height or d.height, args.width or d.width)
+    if args.lora is not None or args.lora_scale is not None:  # on top of a PNG's settings too
+        from dataclasses import replace
+
+        gen = replace(gen, lora=gen.lora if args.lora is None else args.lora,
+                      lora_scale=gen.lora_scale if args.lora_scale is None else args.lora_scale)
     result = render(pipe, gen)  # its precision is read from the pipeline (a strategy may have added FP8)
     result.extra["memory"] = strategy.name
     out = Path(args.out) if args.out else settings().output_dir / "images" / f"seed{gen.seed}.png"
     result.save(out)
+    lora = f", LoRA {gen.lora} × {gen.lora_scale:g}" if gen.lora else ""
     print(f"wrote {out} ({gen.width}x{gen.height}, {gen.steps} steps, seed {gen.seed}, "
-          f"{result.precision} on {result.device}, {result.seconds:.2f} s)")
+          f"{result.precision} on {result.device}{lora}, {result.seconds:.2f} s)")
     return 0
 
 

@@ -103,7 +103,7 @@ class Strategy:
         if self.vae_tiling:
             return self
         return replace(self, name=f"{self.name}_tiled", vae_tiling=True, speed=round(self.speed * 0.97, 3),
-                       description=f"{self.description}; VAE decodes {VAE_TILE_PX} px tiles",
+                       description=f"{self.description}; VAE decodes in tiles (≤ {VAE_TILE_PX} px)",
                        quality=TILED_QUALITY if self.quality == "same images" else f"{self.quality}; {TILED_QUALITY}")
 
     def levers(self) -> tuple:
@@ -206,7 +206,7 @@ def strategy_names() -> list[str]:
     names: list[str] = []
     for s in STRATEGIES:
         names += [s.name] if s.vae_tiling else [s.name, s.with_vae_tiling().name]
-    return names
+    return list(dict.fromkeys(names))  # fp8_group_offload_tiled is a rung and a variant: offer it once
 
 
 def offered_strategies(device: str) -> list[str]:

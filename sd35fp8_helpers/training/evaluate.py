@@ -69,6 +69,34 @@ def example_grid(pipe, prompts, record: dict[str, Any], path: Path, seed: int = 
     return examples
 
 
+def vae_ceiling(pipe, prompts=None, seeds: tuple[int, ...] = (0, 1), *, batch_size: int = 32):
+    """The judge's scores on the *ground-truth* renders of ``prompts`` after a round trip through the model's VAE.
+
+    No transformer is involved: this is the best any transformer could score through this VAE (its
+    ceiling). If shapes fail here, the VAE — not the denoiser — is what must improve.
+    Returns ``(rendered, round_trip)`` :class:`~sd35fp8_helpers.scenes.judge.AdherenceReport` s.
+    """
+    import numpy as np
+    import torch
+
+    from ..pipeline.decode import latents_to_image, scale_latents
+    from ..scenes.dataset import evaluation_prompts
+    from ..scenes.judge import prompt_adherence
+    from ..scenes.render import render
+
+    prompts = prompts or evaluation_prompts()
+    truth = [render(p.spec, seed=s).image for p in prompts for s in seeds]
+    vae = pipe.vae
+    out = []
+    for i in range(0, len(truth), batch_size):
+        x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in truth[i:i + batch_size]]))
+        x = x.permute(0, 3, 1, 2).to(vae.device, vae.dtype)
+        with torch.inference_mode():
+            z = vae.encode(x).latent_dist.mode()
+        out += latents_to_image(pipe, scale_latents(vae, z))
+    return prompt_adherence(truth, prompts, seeds), prompt_adherence(out, prompts, seeds)
+
+
 def evaluate_model(folder: str | os.PathLike, out_json: str | os.PathLike, *, device: str = "cuda",
                    dtype: str = "bf16", seeds: tuple[int, ...] = (0, 1), sweep: bool = True,
                    workers: int = 0, extra_settings: tuple[tuple[int, float], ...] = (),
