@@ -183,3 +183,16 @@ def test_report_round_trip_compare_and_no_secrets(cli, tmp_path, monkeypatch):
 def test_report_without_setup_dir_says_what_to_run(cli, tmp_path):
     result = cli("report", "--dir", str(tmp_path / "nothing"))
     assert result.returncode == 1 and "run `sd35fp8 setup MODEL --dir" in result.stderr
+
+
+def test_setup_of_the_embedded_scene_model_draws_a_scene_at_its_own_recipe_and_reads_it(tmp_path):
+    from sd35fp8_helpers.onboarding.setup import SCENE_SMOKE_PROMPT
+
+    result, lines = _quiet(SetupConfig("scenes", tmp_path / "s", precision="fp8-storage"))
+    assert result.exit_code == 0, lines
+    meta = read_png_metadata(tmp_path / "s" / "smoke.png")
+    assert meta["settings"]["prompt"] == SCENE_SMOKE_PROMPT
+    assert (meta["settings"]["steps"], meta["settings"]["height"]) == (16, 128)  # its recipe, not 4 steps
+    assert meta["precision"] == "fp8-storage"
+    smoke = next(s for s in result.stages if s.stage == "smoke")
+    assert "judge: asked large red circle at centre, saw" in smoke.detail

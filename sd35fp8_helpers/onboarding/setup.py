@@ -52,6 +52,8 @@ _UNEXPECTED_FIX = {
 }
 """Fix shown when a stage fails with an error sd35fp8 did not anticipate (the error itself is shown too)."""
 STATE_FILE = "setup-state.json"
+SCENE_SMOKE_PROMPT = "a large red circle in the centre, on a white background"
+"""What the smoke stage draws with a trained scene model (at its own steps and size), then reads with the judge."""
 SMOKE_IMAGE = "smoke.png"
 
 
@@ -353,19 +355,28 @@ class _Run:
             return "skipped", f"{image} (pixels sha256 {self._done('smoke')['image_sha256'][:12]}…)"
         from ..pipeline.defaults import model_defaults
 
-        native = native_size(self.pipe)
-        side = min(native, 512, pipeline_limits(self.pipe)[1])  # small: a smoke test, not a render
-        d = model_defaults(self.pipe)  # the model's own guidance (Large Turbo: 0, no CFG) and at most 4 steps
-        result = generate(self.pipe, GenerationSettings("a photo of an astronaut riding a horse on the moon",
-                                                        seed=0, steps=min(4, d.steps), guidance_scale=d.guidance_scale,
+        d = model_defaults(self.pipe)  # the model's own guidance (Large Turbo: 0, no CFG)
+        scene = d.max_sequence_length is not None  # a trained scene model: its own recipe, and a judge to read it
+        if scene:
+            prompt, steps, side = SCENE_SMOKE_PROMPT, d.steps, min(d.height, d.width)
+        else:  # a real-size model: small and few steps — a smoke test, not a render
+            prompt, steps = "a photo of an astronaut riding a horse on the moon", min(4, d.steps)
+            side = min(native_size(self.pipe), 512, pipeline_limits(self.pipe)[1])
+        result = generate(self.pipe, GenerationSettings(prompt, seed=0, steps=steps, guidance_scale=d.guidance_scale,
                                                         height=side, width=side), progress=False,
                           precision=self.precision)
         result.model = self.config.model
         result.save(image)
         digest = image_sha256(image)
         self._mark("smoke", key=self._smoke_key(), image_sha256=digest)
+        reading = ""
+        if scene:  # what the judge saw: the model's own mistakes are reported, not failed on
+            from ..scenes.judge import judge
+            from ..scenes.parse import read_prompt
+
+            reading = f"; judge: {judge(result.image, read_prompt(prompt)).summary()}"
         return "ok", (f"{side}x{side}, {result.settings.steps} steps, guidance {result.settings.guidance_scale:g} in "
-                      f"{result.seconds:.1f} s → {image} (pixels sha256 {digest[:12]}…)")
+                      f"{result.seconds:.1f} s → {image} (pixels sha256 {digest[:12]}…){reading}")
 
     def _stage_summary(self) -> tuple[str, str]:
         self.result.model_path = self.model_path
