@@ -77,6 +77,12 @@ class VariantResult:
     identical_to: str | None = None
     identity_ok: bool | None = None
     skipped: str = ""
+    flips: dict[str, int] = field(default_factory=dict)
+    """How many images the judge reads differently from BF16, per attribute (``single.shape``: a one-object
+    image whose shape reading changed; ``two.found``: an object seen in one image and missed in the other)."""
+    same_reading: float = math.nan
+    """Fraction of images the judge reads exactly as it reads the BF16 image of the same prompt and seed (every
+    object's colour, shape, position and size, and the background): "keeps the picture", image by image."""
 
     def row(self) -> dict[str, str]:
         from ..display import human_bytes
@@ -89,6 +95,7 @@ class VariantResult:
                "s/image": f"{self.seconds_per_image:.2f}" if self.seconds_per_image else "(decode only)"}
         for key, label in COLUMNS:
             out[label] = acc.get(key, "–")
+        out["same reading %"] = f"{100 * self.same_reading:.1f}"
         out["PSNR dB"] = "∞ (identical)" if math.isinf(self.psnr_db) else f"{self.psnr_db:.1f}"
         out["SSIM"] = f"{self.ssim:.4f}"
         out["identical"] = f"{self.identical}/{self.images}"
@@ -115,13 +122,25 @@ class SceneQualityReport:
     versions: dict[str, str]
     command: str
     results: dict[str, VariantResult] = field(default_factory=dict)
+    ceiling: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """The judge on the ground-truth renders of the same prompts, as drawn and after a round trip through the
+    model's VAE (no transformer): the best any denoiser could score through this VAE."""
 
     def rows(self) -> list[dict[str, str]]:
-        return [r.row() for r in self.results.values()]
+        labels = {"rendered": "ground-truth renders", "vae_round_trip": "renders through the VAE (ceiling)"}
+        top = [{"variant": labels[k], "precision": "–", **{lab: f"{100 * rates[key]['accuracy']:.1f}"
+                                                         for key, lab in COLUMNS if key in rates}}
+               for k, rates in self.ceiling.items()]
+        return top + [r.row() for r in self.results.values()]
+
+    def _keys(self, rows: list[dict[str, str]]) -> list[str]:
+        """Columns in a variant row's order (the ceiling rows have fewer), then any others."""
+        first = next((r.row() for r in self.results.values() if not r.skipped), {})
+        return list(dict.fromkeys([*first, *(k for r in rows for k in r)]))
 
     def __str__(self) -> str:
         rows = self.rows()
-        keys = list(dict.fromkeys(k for r in rows for k in r))
+        keys = self._keys(rows)
         widths = {k: max(len(k), *(len(r.get(k, "")) for r in rows)) for k in keys}
         head = (f"{self.model} on {self.device}, {self.date}: {self.prompts['single']} single + {self.prompts['two']} "
                 f"two-object prompts × seeds {self.seeds}, {self.settings}")
@@ -134,12 +153,55 @@ class SceneQualityReport:
 
         return html_table(self.rows()).data
 
+    def to_markdown(self) -> str:
+        """The table as GitHub markdown (what docs/benchmarks.md and the model card paste)."""
+        rows = self.rows()
+        keys = self._keys(rows)
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(r.get(k, "") for k in keys) + " |" for r in rows]
+        return "\n".join(lines)
+
+    def plot(self, variants: Sequence[str] | None = None):
+        """Adherence per attribute, one bar per variant (the ceiling as a line), and PSNR vs BF16 beside it."""
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        names = [n for n in (variants or self.results) if not self.results[n].skipped]
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 1.2]})
+        x = np.arange(len(COLUMNS))
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            rates = self.results[n].rates
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, [100 * rates[k]["accuracy"] for k, _ in COLUMNS],
+                   width, label=n)
+        ceiling = self.ceiling.get("vae_round_trip", {})
+        for j, (k, _) in enumerate(COLUMNS):
+            if k in ceiling:
+                ax.hlines(100 * ceiling[k]["accuracy"], j - 0.42, j + 0.42, colors="k", linestyles="--", lw=1)
+        ax.set_xticks(x, [lab.removesuffix(" %") for _, lab in COLUMNS])
+        ax.set_ylabel("judged correct, %")
+        ax.set_ylim(0, 105)
+        ax.set_title("adherence (dashed: ground truth through the VAE)", fontsize=10)
+        ax.legend(fontsize=7, ncol=2)
+        finite = [(n, self.results[n].psnr_db) for n in names if n != REFERENCE]
+        bx.barh([n for n, _ in finite], [p for _, p in finite], color="tab:gray")
+        bx.invert_yaxis()
+        bx.set_xlabel("PSNR vs BF16, dB (higher: closer)")
+        bx.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        return fig
+
     def to_json(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k != "results"},
                 "results": {k: asdict(v) for k, v in self.results.items()}}
 
     def accuracy(self, variant: str, attribute: str) -> float:
         return self.results[variant].rates[attribute]["accuracy"]
+
+    def changes(self, variant: str) -> dict[str, float]:
+        """Attribute → accuracy of ``variant`` minus the reference's (+0.01: one point better than BF16)."""
+        ref = self.results[REFERENCE].rates
+        return {a: r["accuracy"] - ref[a]["accuracy"] for a, r in self.results[variant].rates.items()}
 
 
 def load_report(path: str | Path = DEFAULT_JSON) -> SceneQualityReport:
@@ -268,6 +330,29 @@ def _decode(pipe, latents, height: int, width: int, tiled: bool, batch_size: int
     return np.concatenate(images)
 
 
+def _named(record: dict[str, Any]) -> tuple:
+    """A judged image as names only (each object's colour, shape, position, size; the background)."""
+    objects = tuple(None if o is None else (o["colour"], o["shape"], o["position"], o["size"]) for o in record["seen"])
+    return objects, record["background"]
+
+
+def _flips(readings: Sequence[tuple], reference: Sequence[tuple]) -> dict[str, int]:
+    """Per attribute, how many images are read differently in ``readings`` than in ``reference``."""
+    from collections import Counter
+
+    count: Counter[str] = Counter()
+    for (objects, background), (ref_objects, ref_background) in zip(readings, reference, strict=True):
+        kind = "two" if len(ref_objects) == 2 else "single"
+        count[f"{kind}.background"] += background != ref_background
+        for o, r in zip(objects, ref_objects, strict=True):
+            if (o is None) != (r is None):
+                count[f"{kind}.found"] += 1
+            elif o is not None:
+                for i, attribute in enumerate(("colour", "shape", "position", "size")):
+                    count[f"{kind}.{attribute}"] += o[i] != r[i]
+    return {k: v for k, v in sorted(count.items()) if v}
+
+
 def _cache_file(cache: Path, name: str) -> Path:
     return cache / (name.replace(" ", "_") + ".npz")
 
@@ -303,6 +388,10 @@ def run_scene_quality(model: str = DEFAULT_MODEL, *, device: str = "cpu", single
         f"CPU ({torch.get_num_threads()} threads)", date=time.strftime("%Y-%m-%d"), settings=settings,
         prompts={"single": n_single, "two": len(prompts) - n_single}, seeds=list(seeds),
         versions=library_versions(), command=command or f"run_scene_quality({model!r}, device={device!r})")
+    from ..training.evaluate import vae_ceiling
+
+    rendered, round_trip = vae_ceiling(_loaded()(model, device), prompts, tuple(seeds), batch_size=batch_size)
+    report.ceiling = {"rendered": rendered.to_dict()["rates"], "vae_round_trip": round_trip.to_dict()["rates"]}
     key = json.dumps([jobs, settings], sort_keys=True)
     cache = Path(cache) if cache else None
     if cache:
@@ -347,6 +436,7 @@ def run_scene_quality(model: str = DEFAULT_MODEL, *, device: str = "cpu", single
             images[v.name] = produce(v)
         return images[v.name]
 
+    reference_readings: list[Any] = []
     for v in chosen:
         if v.available:
             report.results[v.name] = VariantResult(v.name, v.what, v.precision, 0.0, 0, {}, math.nan, math.nan, 0,
@@ -355,6 +445,10 @@ def run_scene_quality(model: str = DEFAULT_MODEL, *, device: str = "cpu", single
         imgs, seconds, nbytes = produce_and_keep(v)
         ref = produce_and_keep(by_name[REFERENCE])[0]
         adherence = prompt_adherence(list(imgs), prompts, seeds, workers=workers)
+        readings = [_named(r) for r in adherence.records]
+        reference_readings = reference_readings or readings  # the reference runs first
+        same_reading = sum(a == b for a, b in zip(readings, reference_readings, strict=True)) / len(readings)
+        flips = _flips(readings, reference_readings)
         paired = paired_psnr_ssim(list(imgs), list(ref))
         identity = None
         if v.identical_to:
@@ -363,7 +457,7 @@ def run_scene_quality(model: str = DEFAULT_MODEL, *, device: str = "cpu", single
         report.results[v.name] = VariantResult(
             v.name, v.what, v.precision, round(seconds, 4), nbytes or base_bytes,
             adherence.to_dict()["rates"], paired.mean_psnr, paired.mean_ssim, paired.identical, len(imgs),
-            v.identical_to, identity)
+            v.identical_to, identity, flips=flips, same_reading=same_reading)
         print(f"[quality] {v.name}: " + ", ".join(f"{lab} {r}" for lab, r in report.results[v.name].row().items()
                                                   if lab not in ("variant", "precision")), flush=True)
         if json_path:
