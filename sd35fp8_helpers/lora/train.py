@@ -11,7 +11,7 @@ forgetting the other shapes; 10% of captions are dropped (as in the base trainin
 The result is written in the diffusers/PEFT layout (``transformer.<module>.lora_A/B.weight``, alpha in the
 ``lora_adapter_metadata``), i.e. exactly what :func:`~.apply.load_lora_` reads and diffusers writes.
 
-Command (on the GPU machine: about 20 s for 600 steps; on 2 CPU cores a step takes ~9 s)::
+Command (on the GPU machine: about 20 s for 600 steps; on 2 CPU cores a batch-16 step takes about 0.5 s)::
 
     python -m sd35fp8_helpers.lora.train --device cuda --steps 600 --out sd35fp8_helpers/lora/shipped/diamond.safetensors
 """
