@@ -379,8 +379,7 @@ def run_scene_quality(model: str = DEFAULT_MODEL, *, device: str = "cpu", single
     jobs = [(p.text, s) for p in prompts for s in seeds]
     probe = _loaded()(model, device)
     d = model_defaults(probe)
-    settings = {"num_inference_steps": d.steps, "guidance_scale": d.guidance_scale, "height": d.height,
-                "width": d.width, **({"max_sequence_length": d.max_sequence_length} if d.max_sequence_length else {})}
+    settings = d.pipeline_kwargs()
     del probe
     n_single = sum(p.kind == "single" for p in prompts)
     report = SceneQualityReport(

@@ -29,6 +29,12 @@ class InferenceDefaults:
     """T5 tokens. SD3 runs T5 without an attention mask, so padding length changes every embedding: a model
     trained at 32 tokens must be run at 32 (diffusers' default is 256)."""
 
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """These settings as ``StableDiffusion3Pipeline.__call__`` arguments (for batched evaluation loops)."""
+        length = {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
+        return {"num_inference_steps": self.steps, "guidance_scale": self.guidance_scale, "height": self.height,
+                "width": self.width, **length}
+
 
 def native_size(pipe) -> int:
     """The side, in pixels, this pipeline's transformer was trained at (SD3.5: 1024; the tiny model: 128).

@@ -51,10 +51,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @dataclass
-class RunningServer:
-    """A ``sd35fp8 serve`` subprocess started by :func:`start_server`; a context manager that stops it."""
+class _ChildProcess:
+    """A ``sd35fp8`` subprocess writing JSON log lines to a file; a context manager that stops it."""
 
-    url: str
     process: subprocess.Popen
     log_path: Path
 
@@ -63,11 +62,11 @@ class RunningServer:
         return self.process.pid
 
     def logs(self) -> str:
-        """Everything the server wrote to stdout and stderr so far."""
+        """Everything the process wrote to stdout and stderr so far."""
         return self.log_path.read_text(errors="replace")
 
     def log_events(self) -> list[dict[str, Any]]:
-        """The server's JSON log lines, parsed (other lines, e.g. library warnings, skipped)."""
+        """The JSON log lines, parsed (other lines, e.g. library warnings, skipped)."""
         events = []
         for line in self.logs().splitlines():
             with contextlib.suppress(ValueError):
@@ -76,8 +75,7 @@ class RunningServer:
         return events
 
     def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, wait for the graceful shutdown, SIGKILL if it does not come. Returns the exit code
-        (-15 after a graceful shutdown: uvicorn re-raises the signal it caught)."""
+        """SIGTERM, wait for the graceful shutdown, SIGKILL if it does not come. Returns the exit code."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -87,11 +85,19 @@ class RunningServer:
                 self.process.wait(timeout)
         return self.process.returncode
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self):
         return self
 
     def __exit__(self, *_exc) -> None:
         self.stop()
+
+
+@dataclass
+class RunningServer(_ChildProcess):
+    """A ``sd35fp8 serve`` subprocess started by :func:`start_server` (``stop()`` returns -15 after a graceful
+    shutdown: uvicorn re-raises the signal it caught)."""
+
+    url: str = ""
 
 
 def start_server(model: str = DEFAULT_MODEL, *, api_keys: dict[str, str] | None = None, args: Sequence[str] = (),
@@ -119,7 +125,7 @@ def start_server(model: str = DEFAULT_MODEL, *, api_keys: dict[str, str] | None 
     log_path = workdir / "server.log"
     with open(log_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    server = RunningServer(process, log_path, url=f"http://127.0.0.1:{port}")
     atexit.register(server.stop)  # a notebook kernel that ends early still leaves no server behind
     deadline = time.monotonic() + ready_timeout
     try:
@@ -141,22 +147,10 @@ def start_server(model: str = DEFAULT_MODEL, *, api_keys: dict[str, str] | None 
 
 
 @dataclass
-class RunningWorker:
+class RunningWorker(_ChildProcess):
     """A ``sd35fp8 worker`` subprocess started by :func:`start_worker`; a context manager that stops it."""
 
-    name: str
-    process: subprocess.Popen
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_events(self) -> list[dict[str, Any]]:
-        return RunningServer.log_events(self)  # type: ignore[arg-type]  (same JSON-lines format)
+    name: str = ""
 
     def kill(self) -> None:
         """``kill -9``: no warm shutdown, no goodbye to Redis — what a crash looks like to the queue."""
@@ -166,13 +160,7 @@ class RunningWorker:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (Celery's warm shutdown: the running job finishes first), SIGKILL if it does not end."""
-        return RunningServer.stop(self, timeout)  # type: ignore[arg-type]
-
-    def __enter__(self) -> "RunningWorker":
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.stop()
+        return super().stop(timeout)
 
 
 def start_worker(broker: str, model: str = DEFAULT_MODEL, *, name: str | None = None, args: Sequence[str] = (),
@@ -194,7 +182,7 @@ def start_worker(broker: str, model: str = DEFAULT_MODEL, *, name: str | None = 
     log_path = workdir / "worker.log"
     with open(log_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    worker = RunningWorker(name, process, log_path)
+    worker = RunningWorker(process, log_path, name=name)
     atexit.register(worker.stop)
     if wait:
         try:
