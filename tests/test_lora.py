@@ -490,3 +490,24 @@ def test_why_not_a_colour_the_scene_vae_cannot_reproduce_one(scenes_pipe):
     (back,) = _vae_round_trip(scenes_pipe, [image])
     assert nearest_name(read_scene(back).objects[0].lab, {**COLOURS, "brown": (130, 80, 40)}) != "brown"
     assert nearest_name(read_scene(image).objects[0].lab, {**COLOURS, "brown": (130, 80, 40)}) == "brown"
+
+
+def test_concept_report_and_gallery_run_the_three_pipelines(named_lora, tmp_path):
+    """``lora/evaluate``: without the LoRA, with it in BF16, with it over FP8 storage (what the concept test and the
+    notebook section use); a strong random LoRA must change the picture, and FP8 must not change it much more."""
+    import numpy as np
+
+    from sd35fp8_helpers.lora.concepts import evaluation_scenes
+    from sd35fp8_helpers.lora.evaluate import VARIANTS, evaluate_concept, load_concept_report, lora_gallery
+    from sd35fp8_helpers.precision.quality import psnr
+
+    gallery = lora_gallery(named_lora, [text for text, _ in evaluation_scenes(2)])
+    plain, bf16, fp8 = (np.asarray(gallery.images[v][0], dtype=np.float64) / 255 for v in VARIANTS)
+    assert not np.array_equal(plain, bf16)  # the LoRA acts
+    assert psnr(bf16, fp8) > psnr(plain, bf16) + 3  # FP8 + LoRA stays near BF16 + LoRA
+    assert all(len(s) == 2 for s in gallery.shapes.values())
+    report = evaluate_concept(named_lora, n=2, regular=2, seeds=(0,))
+    assert [r.variant for r in report.rows] == list(VARIANTS)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report.to_json()))
+    assert load_concept_report(path).table() == report.table()

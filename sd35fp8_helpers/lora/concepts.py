@@ -2,7 +2,9 @@
 
 The scene vocabulary (:mod:`sd35fp8_helpers.scenes.vocabulary`) has three shapes; "diamond" is not one, so the
 model's tokenizers split it into pieces it never saw as a shape, and it draws one of the shapes it knows. The
-shipped ``diamond`` LoRA (:mod:`.train`) teaches it. Everything here extends the scene vocabulary without
+``diamond`` LoRA (:mod:`.train`, judged by :mod:`.evaluate`) is meant to teach it — once the base model draws
+shapes at all: a CPU attempt on v1 did not learn it (docs/benchmarks.md), because v1 draws blobs whatever the
+shape word, so none ships yet. Everything here extends the scene vocabulary without
 changing it: the same colours, positions, sizes, templates, renderer placement and judge, plus one shape.
 
 Why a shape and not a colour: the scene model's VAE was trained on the ten palette colours only and cannot

@@ -1,4 +1,4 @@
-"""Train a small LoRA on the embedded scene model that teaches it :mod:`.concepts`' new colour, and ship it.
+"""Train a small LoRA on the embedded scene model that teaches it :mod:`.concepts`' new shape (the diamond).
 
 Recipe (the base model's own objective, :mod:`sd35fp8_helpers.training.train_tiny`): rectified flow —
 ``x_t = (1 − σ)·x₀ + σ·ε`` with logit-normal σ, the transformer predicts ``ε − x₀`` — on latents of the
