@@ -58,7 +58,7 @@ GROUP_BLOCK_MODULES: dict[str, list[str] | None] = {
 ModuleLists; without these names whole text encoders would be one group (no saving at all)."""
 
 
-TILED_QUALITY = "tiles decoded separately and blended: pixels change, faint seams possible"
+TILED_QUALITY = "tiles decoded separately and blended: pixels change, seams show when tiles are small"
 """What a tiled VAE decode costs in quality (the reason a ``*_tiled`` rung is not lossless)."""
 
 
