@@ -315,7 +315,9 @@ def test_results_expire_after_the_ttl(cluster):
 
 def test_a_synchronous_request_past_its_timeout_is_a_504_and_its_job_is_cancelled(cluster):
     r = httpx.post(f"{cluster.url('c')}{IMAGES}", headers=_auth("ttl"), timeout=30,  # c: --timeout 1
-                   json={"prompt": _prompt("too slow"), "size": "256x256", "steps": 100})
+                   # 4 images × 100 steps at the tiny model's 256² limit: ~4 s on 2 idle cores (one image took
+                   # 0.97 s, which raced the 1 s deadline on an idle CI machine and sometimes finished first)
+                   json={"prompt": _prompt("too slow"), "size": "256x256", "steps": 100, "n": 4})
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
     job_id = re.search(r"\(job (\w+)\)", r.json()["error"]["message"])[1]
     record = _wait_for(lambda: (rec := cluster.store.get(job_id)).final and rec, 30)
