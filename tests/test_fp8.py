@@ -226,3 +226,16 @@ def test_report_keeps_text_encoders_already_in_fp8(tiny_model_dir, quantized, tm
     t5 = next(c for c in report.components if c.name == "text_encoder_3")
     assert (t5.how, t5.converted) == ("fp8 storage", 14)
     assert t5.before == loaded["text_encoder_3"].before > t5.after
+
+
+def test_a_saved_fp8_scene_model_keeps_its_recipe(tmp_path):
+    """The copy must run at the scene model's own settings — above all 32 T5 tokens, without which every
+    embedding changes (diffusers' default is 256) — so ``sd35fp8_scenes.json`` travels with it."""
+    from sd35fp8_helpers.pipeline.defaults import MODEL_INFO, model_defaults
+
+    pipe = load_pipeline("scenes", device="cpu")
+    quantize_(pipe, FP8Config(mode="storage"))
+    out = save_quantized(pipe, tmp_path / "fp8")
+    assert (out / MODEL_INFO).is_file() and (out / FP8_MANIFEST).is_file()
+    again = load_pipeline(str(out), device="cpu")
+    assert model_defaults(again) == model_defaults(pipe) and model_defaults(again).max_sequence_length == 32
