@@ -377,9 +377,12 @@ def run_scene_quality(model: str = DEFAULT_MODEL, *, device: str = "cpu", single
 
     prompts = evaluation_prompts("single")[:single] + evaluation_prompts("two")[:two]
     jobs = [(p.text, s) for p in prompts for s in seeds]
-    probe = _loaded()(model, device)
+    from ..training.evaluate import vae_ceiling
+
+    probe = _loaded()(model, device)  # the model's own settings, and its VAE for the ceiling rows
     d = model_defaults(probe)
     settings = d.pipeline_kwargs()
+    rendered, round_trip = vae_ceiling(probe, prompts, tuple(seeds), batch_size=batch_size)
     del probe
     n_single = sum(p.kind == "single" for p in prompts)
     report = SceneQualityReport(
@@ -387,9 +390,6 @@ def run_scene_quality(model: str = DEFAULT_MODEL, *, device: str = "cpu", single
         f"CPU ({torch.get_num_threads()} threads)", date=time.strftime("%Y-%m-%d"), settings=settings,
         prompts={"single": n_single, "two": len(prompts) - n_single}, seeds=list(seeds),
         versions=library_versions(), command=command or f"run_scene_quality({model!r}, device={device!r})")
-    from ..training.evaluate import vae_ceiling
-
-    rendered, round_trip = vae_ceiling(_loaded()(model, device), prompts, tuple(seeds), batch_size=batch_size)
     report.ceiling = {"rendered": rendered.to_dict()["rates"], "vae_round_trip": round_trip.to_dict()["rates"]}
     key = json.dumps([jobs, settings], sort_keys=True)
     cache = Path(cache) if cache else None

@@ -236,17 +236,10 @@ def quantize_(pipe, config: FP8Config | None = None) -> FP8Report:
               "storage": "asked for storage" if config.mode == "storage" else f"auto chose storage: {why}"}[mode]
     keep = get_policy(config.policy)
     static = mode == "compute" and config.activation_scales == "static"
-    if static:  # refuse before anything changes: a model half in static FP8 helps nobody
-        from .static import missing_scales, static_candidates
+    if static:  # refuse before anything changes
+        from .static import require_static_scales
 
-        candidates = static_candidates(transformer, keep)
-        lacking = missing_scales(transformer, candidates)
-        if lacking:
-            raise Sd35fp8Error(f"activation_scales='static' needs a calibrated scale on every FP8 layer; "
-                               f"{len(lacking)} of {len(candidates)} have none (e.g. {', '.join(lacking[:3])})",
-                               fix="calibrate first: calibrate_(pipe, prompts), or load a checkpoint written by "
-                                   "`sd35fp8 quantize MODEL OUT --calibrate PROMPTS`; or use "
-                                   "activation_scales='dynamic'")
+        require_static_scales(transformer, keep)
     previous = {c.name: c for c in getattr(getattr(pipe, "sd35fp8_fp8", None), "components", [])}
     report = FP8Report(mode=mode, policy=config.policy_name, reason=reason, device=str(device),
                        scaling=config.scaling if mode == "compute" else "",

@@ -154,6 +154,19 @@ def missing_scales(model: "nn.Module", names: list[str]) -> list[str]:
     return [n for n in names if getattr(model.get_submodule(n), "scale_input", None) is None]
 
 
+def require_static_scales(model: "nn.Module", keep: FilterFn) -> list[str]:
+    """The layers ``keep`` selects for static FP8 — or, if any lacks a calibrated ``scale_input``, the error
+    naming how many and which (checked before anything changes: a model half in static FP8 helps nobody)."""
+    names = static_candidates(model, keep)
+    lacking = missing_scales(model, names)
+    if lacking:
+        raise Sd35fp8Error(f"activation_scales='static': {len(lacking)} of {len(names)} FP8 layers have no "
+                           f"calibrated activation scale (e.g. {', '.join(lacking[:3])})",
+                           fix="calibrate first: calibrate_(pipe, prompts), or load a checkpoint written by "
+                               "`sd35fp8 quantize MODEL OUT --calibrate PROMPTS`; or use activation_scales='dynamic'")
+    return names
+
+
 def to_static_compute(model: "nn.Module", keep: FilterFn, *, weight_scales: WeightScales = "row",
                       fast_accum: bool = True) -> list[str]:
     """Replace the selected layers by :class:`Float8StaticLinear`, one at a time (peak extra memory: one layer).
@@ -162,13 +175,7 @@ def to_static_compute(model: "nn.Module", keep: FilterFn, *, weight_scales: Weig
     the error names how many and which (a model half in static FP8 would be worse than either).
     Runs on any device (CPU: slowly — for tests); capability checks belong to ``quantize_``.
     """
-    names = static_candidates(model, keep)
-    lacking = missing_scales(model, names)
-    if lacking:
-        raise Sd35fp8Error(f"{len(lacking)} of {len(names)} FP8 layers have no calibrated activation scale "
-                           f"(e.g. {', '.join(lacking[:3])})",
-                           fix="calibrate first: calibrate_(pipe, prompts), or load a checkpoint written by "
-                               "`sd35fp8 quantize MODEL OUT --calibrate PROMPTS`; or use activation_scales='dynamic'")
+    names = require_static_scales(model, keep)
     cls = static_linear_class()
     for fqn in names:
         replace_module(model, fqn, cls.from_module(model.get_submodule(fqn), weight_scales=weight_scales,
