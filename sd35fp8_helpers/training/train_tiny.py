@@ -53,28 +53,28 @@ class TrainConfig:
 
     out_dir: Path
     seed: int = 0
-    n_scenes: int = 48_000
+    n_scenes: int = 96_000
     buckets: tuple[tuple[int, int, float], ...] = ((128, 128, 0.6), (128, 192, 0.2), (192, 128, 0.2))
     """(height, width, share of the scenes) of each training size."""
     two_object_fraction: float = 0.5
     # VAE
     vae_channels: tuple[int, ...] = (32, 64, 128, 128)
     vae_layers_per_block: int = 1
-    vae_steps: int = 2000
+    vae_steps: int = 5000
     vae_batch: int = 64
     vae_lr: float = 1e-3
     vae_seconds: float = 100.0
     vae_kl_weight: float = 1e-6
     # transformer
-    layers: int = 8
-    heads: int = 5
+    layers: int = 6
+    heads: int = 6
     head_dim: int = 32
     dual_attention_layers: tuple[int, ...] = (0, 1)
-    steps: int = 6000
-    batch: int = 384
-    lr: float = 5e-4
+    steps: int = 20_000
+    batch: int = 1024
+    lr: float = 1e-3
     warmup_fraction: float = 0.05
-    seconds: float = 300.0
+    seconds: float = 360.0
     cfg_dropout: float = 0.1
     ema_decay: float = 0.998
     # inference defaults written into the model
@@ -602,14 +602,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="transformer steps")
     parser.add_argument("--seconds", type=float, help="transformer wall-clock budget")
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--layers", type=int, help="transformer blocks")
+    parser.add_argument("--heads", type=int, help="attention heads of 32 channels (width = 32 × heads)")
     parser.add_argument("--lr", type=float, help="transformer peak learning rate (one-cycle)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--checkpoint-dir", type=Path)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in dict(seed=args.seed, n_scenes=args.scenes, vae_steps=args.vae_steps,
                                        vae_seconds=args.vae_seconds, steps=args.steps, seconds=args.seconds,
-                                       batch=args.batch, lr=args.lr, device=args.device,
-                                       checkpoint_dir=args.checkpoint_dir).items() if v is not None}
+                                       batch=args.batch, layers=args.layers, heads=args.heads, lr=args.lr,
+                                       device=args.device, checkpoint_dir=args.checkpoint_dir).items()
+                 if v is not None}
     cfg = TrainConfig.smoke_test(args.out_dir, **overrides) if args.smoke else TrainConfig(args.out_dir, **overrides)
     train_tiny(cfg)
     return 0
