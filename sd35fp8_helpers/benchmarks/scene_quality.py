@@ -321,7 +321,7 @@ def _decode(pipe, latents, height: int, width: int, tiled: bool, batch_size: int
         fit_vae_tiles(pipe, height, width)
     images = []
     for i in range(0, len(latents), batch_size):
-        z = latents[i:i + batch_size].to(pipe.vae.device)
+        z = latents[i:i + batch_size].to(pipe._execution_device)  # under offload hooks vae.device says cpu
         arr = latents_to_image(pipe, z, output_type="np")
         images.append((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
     if tiled:
