@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -511,3 +512,51 @@ def test_concept_report_and_gallery_run_the_three_pipelines(named_lora, tmp_path
     path = tmp_path / "r.json"
     path.write_text(json.dumps(report.to_json()))
     assert load_concept_report(path).table() == report.table()
+
+
+def test_the_shipped_diamond_lora_teaches_the_shape_in_bf16_and_over_fp8():
+    """Issue 17's concept, re-measured on the CPU: 16 diamond prompts (paraphrased, seed 0) and 8 ordinary ones,
+    through the three pipelines. Thresholds from the full GPU run (96 images: 1.0% → 94.8% → 94.8%;
+    docs/benchmarks/lora-diamond-h200.json) and a CPU run of 24 prompts (0% → 87.5% → 83.3%), with room for
+    a few images' noise; without the LoRA the word "diamond" means nothing to the model."""
+    from sd35fp8_helpers.lora.shipped import shipped_lora_info, shipped_loras
+
+    assert "diamond" in shipped_loras()
+    info = shipped_lora_info("diamond")
+    assert info["base_model"]["name"] == "sd35-scenes v2" and info["training"]["device"] == "NVIDIA H200"
+    from sd35fp8_helpers.lora.evaluate import evaluate_concept
+
+    report = evaluate_concept("diamond", n=16, regular=8, seeds=(0,), batch_size=16)
+    without, bf16, fp8 = (report.row(v).concept["shape"] for v in ("without LoRA", "LoRA, bf16", "LoRA, fp8-storage"))
+    assert without <= 2 / 16, report
+    assert bf16 >= 12 / 16 and fp8 >= 11 / 16, report
+    assert abs(fp8 - bf16) <= 2 / 16, report  # FP8 storage under the LoRA: within two images of BF16
+    assert report.row("LoRA, bf16").regular["single.position"] >= 7 / 8  # the rest of the model still works
+    assert report.row("LoRA, bf16").regular["single.shape"] >= 6 / 8
+
+
+def test_lora_training_writes_a_peft_file_that_loads_and_acts(tmp_path):
+    """``lora.train`` (a few CPU steps): the file is PEFT layout with rank and alpha in its metadata, ``load_lora_``
+    takes it, it changes the picture (``up`` left zero would not), and unloading restores the image exactly."""
+    import numpy as np
+    from safetensors import safe_open
+
+    from sd35fp8_helpers import load_pipeline
+    from sd35fp8_helpers.lora.train import LoraTrainConfig, train_lora
+    from sd35fp8_helpers.pipeline.defaults import default_settings
+    from sd35fp8_helpers.pipeline.generation import generate
+
+    pipe = load_pipeline("scenes", device="cpu", dtype=torch.float32)
+    cfg = LoraTrainConfig(steps=6, batch=4, n_concept=6, n_regular=6, lr=2e-2)
+    result = train_lora(pipe, cfg, tmp_path / "d.safetensors", log=lambda m: None)
+    assert result.steps == 6 and len(result.losses) == 6 and all(math.isfinite(v) for v in result.losses)
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["transformer.r"] == 4 and all(k.startswith("transformer.") for k in keys)
+    assert any(k.endswith("attn.to_q.lora_B.weight") for k in keys)
+    settings = default_settings(pipe, "a large red diamond on the left, on a blue background", 0, steps=4)
+    before = np.asarray(generate(pipe, settings, progress=False).image)
+    load_lora_(pipe, tmp_path / "d.safetensors", scale=4.0, mode="merge")
+    assert not np.array_equal(np.asarray(generate(pipe, settings, progress=False).image), before)
+    unload_lora_(pipe)
+    assert np.array_equal(np.asarray(generate(pipe, settings, progress=False).image), before)
