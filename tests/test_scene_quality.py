@@ -23,19 +23,21 @@ def report(tmp_path_factory):
                              json_path=out / "q.json", cache=out / "cache", batch_size=16)
 
 
-def test_bf16_reads_positions_and_sizes(report):
-    """What the v1 model does reliably (full run: position 97%, size 89%); colour and shape it does not yet."""
-    assert report.accuracy("bf16", "single.position") >= 0.9
-    assert report.accuracy("bf16", "single.size") >= 0.75
+def test_bf16_draws_the_shape_position_and_size_asked(report):
+    """What the v2 model does reliably (full CPU run: shape 98%, position 99%, size 99%); colour it swaps with the
+    background about one time in five (79%), so its threshold is lower."""
+    for attribute in ("single.shape", "single.position", "single.size"):
+        assert report.accuracy("bf16", attribute) >= 14 / 16, attribute
+    assert report.accuracy("bf16", "single.colour") >= 9 / 16
     assert report.results["bf16"].identical == 32 and math.isinf(report.results["bf16"].psnr_db)
 
 
 def test_fp8_storage_keeps_the_picture(report):
     fp8, bf16 = report.results["fp8-storage all-linear"], report.results["bf16"]
     assert fp8.transformer_bytes < 0.35 * bf16.transformer_bytes  # float8 + a scale per row vs float32 on CPU
-    assert fp8.psnr_db >= 31 and fp8.ssim >= 0.95, (fp8.psnr_db, fp8.ssim)  # full run: 33.7 dB, 0.961
+    assert fp8.psnr_db >= 36 and fp8.ssim >= 0.97, (fp8.psnr_db, fp8.ssim)  # full run: 40.0 dB, 0.987
     assert fp8.identical == 0  # it is not the same computation: the checks below could fail
-    assert fp8.same_reading >= 0.6, fp8.same_reading  # full run: 75% of 720 images read exactly alike
+    assert fp8.same_reading >= 0.75, fp8.same_reading  # full run: 89% of 720 images read exactly alike
     for attribute in bf16.rates:  # 16 images per kind: two images either way is sampling noise
         assert abs(fp8.rates[attribute]["accuracy"] - bf16.rates[attribute]["accuracy"]) <= 2 * ONE_IMAGE, attribute
 

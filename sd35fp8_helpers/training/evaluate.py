@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def example_grid(pipe, prompts, record: dict[str, Any], path: Path, seed: int = 
                              **_settings(record))
     cols = 6
     rows = (len(prompts) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.4 * rows), squeeze=False)
     examples = []
     for ax, p, img in zip(axes.flat, prompts, images, strict=False):
         v = judge(img, p.spec)
@@ -58,7 +59,8 @@ def example_grid(pipe, prompts, record: dict[str, Any], path: Path, seed: int = 
         ax.set_title("\n".join([p.text[i:i + 34] for i in range(0, len(p.text), 34)]), fontsize=6)
         seen = ", ".join("nothing" if o.seen is None else f"{o.seen.size} {o.seen.colour} {o.seen.shape} "
                          f"{o.seen.position}" for o in v.objects)
-        ax.set_xlabel(("✓ " if v.all_ok else "✗ ") + seen + f" / {v.background_seen}", fontsize=6)
+        label = ("✓ " if v.all_ok else "✗ ") + seen + f" / {v.background_seen}"
+        ax.set_xlabel("\n".join(label[i:i + 40] for i in range(0, len(label), 40)), fontsize=6)  # two objects: long
         ax.set_xticks([]), ax.set_yticks([])
         examples.append({"id": p.id, "prompt": p.text, "seed": seed, "all_ok": v.all_ok, "judge": v.summary()})
     for ax in list(axes.flat)[len(prompts):]:
@@ -95,6 +97,49 @@ def vae_ceiling(pipe, prompts=None, seeds: tuple[int, ...] = (0, 1), *, batch_si
             z = vae.encode(x).latent_dist.mode()
         out += latents_to_image(pipe, scale_latents(vae, z))
     return prompt_adherence(truth, prompts, seeds), prompt_adherence(out, prompts, seeds)
+
+
+@dataclass(frozen=True)
+class ColourMixups:
+    """Where a model's wrong colours come from, on one-object images: ``swapped`` of the ``wrong`` ones drew the
+    object in the background's colour *and* the background in the object's — the model read both colour words
+    but bound them to the wrong nouns (a binding failure, not a drawing one)."""
+
+    images: int
+    wrong: int
+    swapped: int
+
+    @property
+    def swapped_share(self) -> float:
+        return self.swapped / self.wrong if self.wrong else 0.0
+
+
+def colour_mixups(records: list[dict[str, Any]]) -> ColourMixups:
+    """Count colour swaps in the judge's ``records`` of the evaluation prompts (``quality.json``'s ``default``
+    run: ``id``, ``seen`` objects, ``background``)."""
+    from ..scenes.dataset import evaluation_prompts
+
+    specs = {p.id: p.spec for p in evaluation_prompts("single")}
+    images = wrong = swapped = 0
+    for r in records:
+        spec = specs.get(r["id"])
+        if spec is None:
+            continue
+        images += 1
+        seen = r["seen"][0]["colour"] if r["seen"] else None
+        asked = spec.objects[0].colour
+        if seen is not None and seen != asked:
+            wrong += 1
+            swapped += seen == spec.background and r["background"] == asked
+    return ColourMixups(images, wrong, swapped)
+
+
+def model_colour_mixups(folder: str | os.PathLike | None = None) -> ColourMixups:
+    """:func:`colour_mixups` of a scene model's committed ``quality.json`` (default: the shipped model)."""
+    from ..constants import EMBEDDED_MODEL_DIR
+
+    data = json.loads((Path(folder or EMBEDDED_MODEL_DIR) / "quality.json").read_text())
+    return colour_mixups(data["results"]["default"]["records"])
 
 
 def evaluate_model(folder: str | os.PathLike, out_json: str | os.PathLike, *, device: str = "cuda",
