@@ -113,7 +113,7 @@ def load_pipeline(model: str | Path = DEFAULT_MODEL, *, device: str | None = Non
     if source.kind != "tiny":  # built here, so known good; anything from outside is checked first
         from ..weights.verify import require_loadable
 
-        # the shipped model is checked against its sha256 manifest like any download (25 MB: milliseconds)
+        # the shipped model is checked against its sha256 manifest like any download (28 MB: milliseconds)
         require_loadable(source.path, check_hashes=check_hashes or source.kind == "embedded")
     device = device or default_device()
     dtype = dtype or default_dtype(device)
