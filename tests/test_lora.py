@@ -528,6 +528,13 @@ def test_the_shipped_diamond_lora_teaches_the_shape_in_bf16_and_over_fp8():
     assert "diamond" in shipped_loras()
     info = shipped_lora_info("diamond")
     assert info["base_model"]["name"] == "sd35-scenes v2" and info["training"]["device"] == "NVIDIA H200"
+    import hashlib
+
+    from sd35fp8_helpers.constants import EMBEDDED_MODEL_DIR
+
+    weights = EMBEDDED_MODEL_DIR / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == info["base_model"]["transformer_sha256"], \
+        "the scene model was retrained: retrain and re-measure the diamond LoRA for it"
     from sd35fp8_helpers.lora.evaluate import evaluate_concept
 
     report = evaluate_concept("diamond", n=16, regular=8, seeds=(0,), batch_size=16)
