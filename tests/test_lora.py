@@ -523,20 +523,18 @@ def test_the_shipped_diamond_lora_teaches_the_shape_in_bf16_and_over_fp8():
     through the three pipelines. Thresholds from the full GPU run (96 images: 1.0% → 94.8% → 94.8%;
     docs/benchmarks/lora-diamond-h200.json) and a CPU run of 24 prompts (0% → 87.5% → 83.3%), with room for
     a few images' noise; without the LoRA the word "diamond" means nothing to the model."""
+    import hashlib
+
+    from sd35fp8_helpers.constants import EMBEDDED_MODEL_DIR
+    from sd35fp8_helpers.lora.evaluate import evaluate_concept
     from sd35fp8_helpers.lora.shipped import shipped_lora_info, shipped_loras
 
     assert "diamond" in shipped_loras()
     info = shipped_lora_info("diamond")
     assert info["base_model"]["name"] == "sd35-scenes v2" and info["training"]["device"] == "NVIDIA H200"
-    import hashlib
-
-    from sd35fp8_helpers.constants import EMBEDDED_MODEL_DIR
-
     weights = EMBEDDED_MODEL_DIR / "transformer" / "diffusion_pytorch_model.safetensors"
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == info["base_model"]["transformer_sha256"], \
         "the scene model was retrained: retrain and re-measure the diamond LoRA for it"
-    from sd35fp8_helpers.lora.evaluate import evaluate_concept
-
     report = evaluate_concept("diamond", n=16, regular=8, seeds=(0,), batch_size=16)
     without, bf16, fp8 = (report.row(v).concept["shape"] for v in ("without LoRA", "LoRA, bf16", "LoRA, fp8-storage"))
     assert without <= 2 / 16, report

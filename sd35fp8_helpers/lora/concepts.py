@@ -4,7 +4,8 @@ The scene vocabulary (:mod:`sd35fp8_helpers.scenes.vocabulary`) has three shapes
 model's tokenizers split it into pieces it never saw as a shape, and it draws one of the shapes it knows. The
 shipped ``diamond`` LoRA (:mod:`.train`, judged by :mod:`.evaluate`) teaches it: judged a diamond in 1% of the
 concept images without it and 95% with it, in BF16 and over FP8 storage alike (docs/benchmarks.md). Everything
-here extends the scene vocabulary without changing it: the same colours, positions, sizes, templates, renderer placement and judge, plus one shape.
+here extends the scene vocabulary without changing it: the same colours, positions, sizes, templates, renderer
+placement and judge, plus one shape.
 
 Why a shape and not a colour: the scene model's VAE was trained on the ten palette colours only and cannot
 reproduce any other (measured: brown (130, 80, 40) and even mid-grey come back purple or red after an
