@@ -103,6 +103,15 @@ def html_table(rows: list[dict], columns: list[str] | None = None) -> "object":
     return HTML(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
+def text_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A list of dicts as aligned plain-text columns (what ``print(report)`` shows); missing cells are blank."""
+    columns = columns or (list(rows[0]) if rows else [])
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(w) for c, w in widths.items())]
+    lines += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in widths.items()) for r in rows]
+    return "\n".join(lines)
+
+
 def disk_needs() -> list[dict]:
     """Disk each real model needs, computed from parameter counts (bf16 as distributed), per component."""
     from .presets import PARAMETER_COUNTS

@@ -144,14 +144,12 @@ class SceneQualityReport:
         return list(dict.fromkeys([*first, *(k for r in rows for k in r)]))
 
     def __str__(self) -> str:
+        from ..display import text_table
+
         rows = self.rows()
-        keys = self._keys(rows)
-        widths = {k: max(len(k), *(len(r.get(k, "")) for r in rows)) for k in keys}
         head = (f"{self.model} on {self.device}, {self.date}: {self.prompts['single']} single + {self.prompts['two']} "
                 f"two-object prompts × seeds {self.seeds}, {self.settings}")
-        lines = [head, "  ".join(k.ljust(w) for k, w in widths.items())]
-        lines += ["  ".join(r.get(k, "").ljust(w) for k, w in widths.items()) for r in rows]
-        return "\n".join(lines)
+        return head + "\n" + text_table(rows, self._keys(rows))
 
     def _repr_html_(self) -> str:
         from ..display import html_table
@@ -378,12 +376,11 @@ def run_scene_quality(model: str = DEFAULT_MODEL, *, device: str = "cpu", single
     from ..precision.quantize import module_bytes
     from ..scenes.dataset import evaluation_prompts
     from ..scenes.judge import paired_psnr_ssim, prompt_adherence
+    from ..training.evaluate import vae_ceiling
     from ..versions import library_versions
 
     prompts = evaluation_prompts("single")[:single] + evaluation_prompts("two")[:two]
     jobs = [(p.text, s) for p in prompts for s in seeds]
-    from ..training.evaluate import vae_ceiling
-
     probe = _loaded()(model, device)  # the model's own settings, and its VAE for the ceiling rows
     d = model_defaults(probe)
     settings = d.pipeline_kwargs()

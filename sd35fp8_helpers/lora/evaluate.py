@@ -65,12 +65,11 @@ class ConceptReport:
         return out
 
     def __str__(self) -> str:
-        rows = self.table()
-        widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+        from ..display import text_table
+
         head = (f"{self.lora} (scale {self.scale:g}) on {self.model}, {self.device}, {self.date}: {self.prompts} "
                 f"concept prompts × seeds {self.seeds}; {self.regular_prompts} regular prompts")
-        return "\n".join([head, "  ".join(k.ljust(w) for k, w in widths.items()),
-                          *("  ".join(r[k].ljust(w) for k, w in widths.items()) for r in rows)])
+        return head + "\n" + text_table(self.table())
 
     def _repr_html_(self) -> str:
         from ..display import html_table

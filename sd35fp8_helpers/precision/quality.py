@@ -51,11 +51,10 @@ class QualityReport:
                  "PSNR dB": "inf (same)" if math.isinf(r.psnr_db) else f"{r.psnr_db:.1f}"} for r in self.rows]
 
     def __str__(self) -> str:
-        rows = self.table_rows()
-        widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
-        lines = ["  ".join(k.ljust(w) for k, w in widths.items())]
-        lines += ["  ".join(r[k].ljust(w) for k, w in widths.items()) for r in rows]
-        return f"{self.prompt!r}, seed {self.seed}, {self.steps} steps, reference {self.precision}\n" + "\n".join(lines)
+        from ..display import text_table
+
+        return (f"{self.prompt!r}, seed {self.seed}, {self.steps} steps, reference {self.precision}\n"
+                + text_table(self.table_rows()))
 
     def _repr_html_(self) -> str:
         from ..display import html_table

@@ -127,7 +127,7 @@ class FP8Report:
                  "saved": f"{1 - c.after / c.before:.0%}" if c.before else "-"} for c in self.components]
 
     def __str__(self) -> str:
-        from ..display import human_bytes
+        from ..display import human_bytes, text_table
 
         how = f", {self.scaling}" if self.scaling else ""
         head = (f"FP8 {self.mode} (policy {self.policy}{how}, compile: {self.compiled}) on {self.device}: "
@@ -136,11 +136,7 @@ class FP8Report:
                 f"{human_bytes(self.bytes_after)}")
         if self.calibration:
             head += f"\nactivation scales calibrated on {self.calibration.get('source', '?')}"
-        rows = self.rows()
-        widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in rows[0]} if rows else {}
-        lines = ["  ".join(k.ljust(w) for k, w in widths.items())]
-        lines += ["  ".join(str(r[k]).ljust(w) for k, w in widths.items()) for r in rows]
-        return head + "\n" + "\n".join(lines)
+        return head + "\n" + text_table(self.rows())
 
     def _repr_html_(self) -> str:
         from html import escape
